@@ -1,0 +1,128 @@
+"""The store layout: every node name and path in one place.
+
+A store is a Zarr v3 hierarchy in a local directory (the default) or at any fsspec URL zarr
+accepts (``s3://bucket/run``, ``memory://x``). Nothing outside ``storage/`` knows these names.
+
+```
+<store>/zarr.json                        root group; attrs: schema_version, n, dim, dataset_id,
+                                         chunk_rows, curriculum {rounds, k, tau, mode} (or null)
+<store>/labels                           optional (N,) int64 array, for reporting neighbourhood
+                                         consistency only (never training); attrs: complete,
+                                         digests (one per chunk), checksum
+<store>/features/round-0002/             memory bank after training round 2 (group); attrs: round,
+                                         n, dim, chunk_rows, complete, checksum, digest, digests
+    rows                                 (N, d) float32, chunks of chunk_rows rows (default 8192),
+                                         zstd; chunk c holds rows [c*chunk_rows, (c+1)*chunk_rows)
+    digests                              (n_chunks, 32) uint8, uncompressed, one zarr chunk per
+                                         feature chunk: blake2b-256 of that chunk's little-endian
+                                         float32 bytes, written by the rank that owns the chunk
+                                         (chunk c belongs to rank c % world_size); all zero = not
+                                         written yet
+<store>/neighbourhoods/round-0003/       used by training round 3, computed from features round 2
+                                         (group); attrs: round, k, tau, fraction, mode,
+                                         source_features_round, backend, seconds, consistency (if
+                                         known), anchors, complete, checksum, digest, digests
+    neighbours                           (N, k) int64, chunks of chunk_rows rows
+    entropy                              (N,) float32
+    anchor                               (N,) bool
+```
+
+Checksums: a chunk digest is blake2b-256 over the chunk's little-endian bytes (C order); a
+snapshot/round checksum is blake2b-256 over its ordered chunk digests (for neighbourhoods: the
+neighbours digests, then entropy, then anchor). Completed nodes keep their chunk digests as hex in
+their attrs (``digests``) so readers and ``verify`` can name a corrupted chunk.
+
+Publishing. A reader only ever sees a node whose attrs say ``complete: true``, even if the
+writer is SIGKILLed at any instant:
+
+* local directory: the node is written under a hidden staging name in the same parent
+  (``features/.staging-round-0002``; ``neighbourhoods/.tmp-round-0003-<uuid>``,
+  ``.tmp-labels-<uuid>``) with ``complete: true`` written last, then ``os.rename``d into place
+  (atomic on POSIX). Leftover staging directories of killed writers are ignored by readers,
+  wiped by the next ``prepare_features`` (features) or removed once the round is published.
+* other fsspec stores (object stores have no atomic rename): the node is written in place with
+  ``complete: false`` and the group ``zarr.json`` is rewritten with ``complete: true`` last (a
+  single object put). An incomplete node left by a killed writer is overwritten by the next
+  publish.
+"""
+
+from __future__ import annotations
+
+import re
+
+#: Bumped when the layout changes incompatibly; readers refuse newer schemas.
+SCHEMA_VERSION = 1
+
+#: Rows per chunk of every per-sample array (features, neighbourhoods, labels).
+DEFAULT_CHUNK_ROWS = 8192
+
+FEATURES = "features"
+NEIGHBOURHOODS = "neighbourhoods"
+LABELS = "labels"
+
+ROWS = "rows"            # features/round-r/rows
+DIGESTS = "digests"      # features/round-r/digests
+NEIGHBOUR_ARRAYS = ("neighbours", "entropy", "anchor")   # order fixes the round checksum
+
+_ROUND_NAME = re.compile(r"^round-(\d{4,})$")
+STAGING_PREFIX = ".staging-"   # features: one deterministic name, shared by all writer ranks
+TMP_PREFIX = ".tmp-"           # single-writer nodes: unique per publish attempt
+
+
+def round_name(round: int) -> str:
+    """``2 -> 'round-0002'``; zero-padded so names sort like numbers up to round 9999."""
+    return f"round-{round:04d}"
+
+
+def parse_round_name(name: str) -> int | None:
+    """``'round-0002' -> 2``; None for anything else (staging names, stray files)."""
+    match = _ROUND_NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
+def features_path(round: int) -> str:
+    return f"{FEATURES}/{round_name(round)}"
+
+
+def features_staging_path(round: int) -> str:
+    """Where ranks write a snapshot before it is renamed into place (local stores only)."""
+    return f"{FEATURES}/{STAGING_PREFIX}{round_name(round)}"
+
+
+def neighbourhoods_path(round: int) -> str:
+    return f"{NEIGHBOURHOODS}/{round_name(round)}"
+
+
+def tmp_path(final_path: str, unique: str) -> str:
+    """A single writer's private staging path next to ``final_path`` (local stores only).
+
+    ``neighbourhoods/round-0003`` -> ``neighbourhoods/.tmp-round-0003-<unique>``.
+    """
+    parent, _, name = final_path.rpartition("/")
+    staged = f"{TMP_PREFIX}{name}-{unique}"
+    return f"{parent}/{staged}" if parent else staged
+
+
+def tmp_prefix(final_path: str) -> str:
+    """The name prefix shared by every staging directory of ``final_path`` (for clean-up)."""
+    return f"{TMP_PREFIX}{final_path.rpartition('/')[2]}-"
+
+
+def n_chunks(n: int, chunk_rows: int) -> int:
+    """Number of row chunks covering ``n`` rows (the last one may be short)."""
+    return -(-n // chunk_rows)
+
+
+def chunk_bounds(chunk: int, n: int, chunk_rows: int) -> tuple[int, int]:
+    """Row range ``[start, stop)`` of row chunk ``chunk``."""
+    start = chunk * chunk_rows
+    return start, min(start + chunk_rows, n)
+
+
+def chunk_key(array_path: str, chunk: int, ndim: int) -> str:
+    """The store key of row chunk ``chunk`` of a row-chunked array, used to name it in reports.
+
+    Zarr v3 default chunk key encoding: ``features/round-0002/rows`` chunk 3 -> ``.../rows/c/3/0``
+    (2-D arrays have a single chunk along the columns).
+    """
+    return "/".join([array_path, "c", str(chunk)] + ["0"] * (ndim - 1))

@@ -1,0 +1,158 @@
+"""Where the store's bytes live: a local directory or an fsspec URL.
+
+Zarr reads and writes the arrays; this module does the few things zarr has no API for and the
+publishing protocol needs: list a directory, remove a node, and (local only) rename a node into
+place atomically.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+from storage.errors import StoreError
+
+
+def one_line(text: object) -> str:
+    """Collapse a (possibly multi-line) message from a library into one line."""
+    return " ".join(str(text).split())
+
+
+def open_location(url: str) -> "Location":
+    """A local path or ``file://`` URL -> LocalLocation; other ``scheme://`` -> FsspecLocation."""
+    if not isinstance(url, (str, os.PathLike)) or not str(url):
+        raise StoreError(f"store URL must be a non-empty path or URL, got {url!r}")
+    url = str(url)
+    if url.startswith("file://"):
+        return LocalLocation(url, url[len("file://"):])
+    if "://" not in url:
+        return LocalLocation(url, url)
+    return FsspecLocation(url)
+
+
+class Location:
+    """Base: ``url`` as the user gave it, ``zarr_store`` for zarr, and node-level operations.
+
+    Paths given to the methods are relative to the store root, '/'-separated
+    (``features/round-0002``).
+    """
+
+    url: str
+    is_local: bool
+    zarr_store: object
+
+    def exists(self, path: str) -> bool:
+        raise NotImplementedError
+
+    def list_dir(self, path: str) -> list[str]:
+        """Sorted child names of ``path``; [] if it does not exist."""
+        raise NotImplementedError
+
+    def remove(self, path: str) -> None:
+        """Remove the node at ``path`` and everything under it; no error if absent."""
+        raise NotImplementedError
+
+    def rename(self, src: str, dst: str) -> bool:
+        """Atomically move ``src`` to ``dst``; False (src untouched) if ``dst`` already exists."""
+        raise NotImplementedError
+
+
+class LocalLocation(Location):
+    is_local = True
+
+    def __init__(self, url: str, path: str) -> None:
+        from zarr.storage import LocalStore
+
+        self.url = url
+        self.root = Path(os.path.abspath(os.path.expanduser(path)))
+        self.zarr_store = LocalStore(self.root)
+
+    def _abs(self, path: str) -> Path:
+        return self.root / path if path else self.root
+
+    def exists(self, path: str) -> bool:
+        return self._abs(path).exists()
+
+    def list_dir(self, path: str) -> list[str]:
+        try:
+            return sorted(os.listdir(self._abs(path)))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def remove(self, path: str) -> None:
+        target = self._abs(path)
+        if target.is_dir():
+            # A concurrent remover may delete entries first: only "already gone" is tolerated.
+            shutil.rmtree(target, onerror=_ignore_missing)
+        elif target.exists():
+            target.unlink(missing_ok=True)
+
+    def rename(self, src: str, dst: str) -> bool:
+        # os.rename of a directory onto an existing non-empty directory fails with ENOTEMPTY or
+        # EEXIST, which makes "first publisher wins" atomic without any lock.
+        try:
+            os.rename(self._abs(src), self._abs(dst))
+        except OSError as err:
+            if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                return False
+            raise
+        return True
+
+    def __repr__(self) -> str:
+        return f"LocalLocation({str(self.root)!r})"
+
+
+def _ignore_missing(func, path, exc_info) -> None:
+    if not isinstance(exc_info[1], FileNotFoundError):
+        raise exc_info[1]
+
+
+class FsspecLocation(Location):
+    is_local = False
+
+    def __init__(self, url: str) -> None:
+        try:
+            from fsspec.core import url_to_fs
+            from zarr.storage import FsspecStore
+
+            self.fs, root = url_to_fs(url)
+            self.zarr_store = FsspecStore.from_url(url)
+        except (ImportError, ValueError, OSError) as err:
+            raise StoreError(f"cannot open store URL {url}: {one_line(err)}") from err
+        self.url = url
+        self.root = root.rstrip("/")
+
+    def _abs(self, path: str) -> str:
+        return f"{self.root}/{path}" if path else self.root
+
+    def exists(self, path: str) -> bool:
+        # Object-store filesystems cache listings; a reader polling for new rounds needs fresh ones.
+        self.fs.invalidate_cache()
+        return bool(self.fs.exists(self._abs(path)))
+
+    def list_dir(self, path: str) -> list[str]:
+        self.fs.invalidate_cache()
+        try:
+            entries = self.fs.ls(self._abs(path), detail=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        here = self._abs(path).strip("/")
+        # Some filesystems list the directory itself among its children: skip it.
+        children = {str(e).strip("/") for e in entries} - {here}
+        return sorted(child.rpartition("/")[2] for child in children)
+
+    def remove(self, path: str) -> None:
+        if self.exists(path):
+            try:
+                self.fs.rm(self._abs(path), recursive=True)
+            except FileNotFoundError:
+                pass
+        self.fs.invalidate_cache()
+
+    def rename(self, src: str, dst: str) -> bool:
+        raise StoreError(f"store {self.url} cannot rename atomically; publish in place instead")
+
+    def __repr__(self) -> str:
+        return f"FsspecLocation({self.url!r})"

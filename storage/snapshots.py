@@ -1,0 +1,182 @@
+"""Feature snapshots: the memory bank after a training round, written by W ranks at once.
+
+Flow (every rank holds the whole bank, shape (N, d) float32):
+
+1. rank 0: ``prepare_features(r)`` creates an empty snapshot at its writing path (the staging
+   name on local disk, the final name elsewhere), wiping what a killed earlier attempt left;
+2. barrier; every rank w: ``write_feature_chunks(r, bank, w, W)`` writes the row chunks
+   c with c % W == w, each followed by its digest in that chunk's own zarr chunk of ``digests``,
+   so no two ranks ever write the same object;
+3. barrier; one process: ``complete_features(r)`` checks every digest is present, records the
+   snapshot checksum and the digests in the attrs, sets ``complete`` and (local) renames the
+   snapshot into place.
+
+A complete snapshot is immutable: preparing or writing it again does nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import zarr
+
+from storage.checksums import (DIGEST_NAME, DIGEST_SIZE, MISSING, chunk_digest, combine,
+                               from_hex, read_verified, to_hex)
+from storage.errors import StoreError
+from storage.layout import (DIGESTS, FEATURES, ROWS, chunk_bounds, features_path,
+                            features_staging_path, n_chunks, parse_round_name)
+from storage.location import Location, one_line
+from storage.publish import is_complete, node_attrs, store_io
+from storage.validate import check_array, check_rank, check_round
+
+
+def writing_path(location: Location, round: int) -> str:
+    """Where the ranks write snapshot ``round`` before it is complete."""
+    return features_staging_path(round) if location.is_local else features_path(round)
+
+
+def prepare_features(location: Location, n: int, dim: int, chunk_rows: int, round: int) -> None:
+    """Create an empty snapshot for ``round`` for the writers (one process, before them).
+
+    Creates a group with ``rows`` (n, dim) float32 in chunks of ``chunk_rows`` rows and
+    ``digests`` (n_chunks, 32) uint8 with one zarr chunk per row chunk. Nothing happens if the
+    round is already complete.
+    """
+    round = check_round(round, "features round")
+    if is_complete(location, features_path(round)):
+        return
+    path = writing_path(location, round)
+    with store_io(location, f"prepare features round {round}"):
+        # A stale attempt may hold digests of a different bank: never mix it with this one.
+        location.remove(path)
+        group = zarr.create_group(location.zarr_store, path=path, attributes={
+            "round": round, "n": n, "dim": dim, "chunk_rows": chunk_rows, "complete": False})
+        group.create_array(ROWS, shape=(n, dim), chunks=(chunk_rows, dim), dtype="float32",
+                           fill_value=0.0, config={"write_empty_chunks": True})
+        # Uncompressed: 32 bytes do not compress, and a flipped byte stays a readable wrong digest.
+        group.create_array(DIGESTS, shape=(n_chunks(n, chunk_rows), DIGEST_SIZE),
+                           chunks=(1, DIGEST_SIZE), dtype="uint8", fill_value=0,
+                           compressors=None, config={"write_empty_chunks": True})
+
+
+def write_feature_chunks(location: Location, n: int, dim: int, chunk_rows: int, round: int,
+                         bank: np.ndarray, rank: int, world_size: int) -> int:
+    """Write the row chunks c with ``c % world_size == rank`` of ``bank`` (n, dim) float32.
+
+    Each chunk is followed by its digest, so a present digest always means its rows are in the
+    store. Returns the number of chunks written (0 if the round is already complete).
+    """
+    round = check_round(round, "features round")
+    rank, world_size = check_rank(rank, world_size)
+    check_array("bank", bank, (n, dim), "float32")
+    if is_complete(location, features_path(round)):
+        return 0
+    path = writing_path(location, round)
+    try:
+        rows = zarr.open_array(location.zarr_store, path=f"{path}/{ROWS}", mode="r+")
+        digests = zarr.open_array(location.zarr_store, path=f"{path}/{DIGESTS}", mode="r+")
+    except (OSError, ValueError) as err:
+        raise StoreError(f"features round {round} was not prepared in store {location.url}: "
+                         f"call prepare_features({round}) on one process before the writers"
+                         ) from err
+    written = 0
+    with store_io(location, f"write features round {round}"):
+        for chunk in range(rank, n_chunks(n, chunk_rows), world_size):
+            start, stop = chunk_bounds(chunk, n, chunk_rows)
+            block = bank[start:stop]
+            rows[start:stop] = block
+            digests[chunk] = np.frombuffer(chunk_digest(block), dtype=np.uint8)
+            written += 1
+    return written
+
+
+def complete_features(location: Location, round: int) -> str:
+    """Check every chunk digest is present, record the checksum, make the snapshot visible.
+
+    Returns the snapshot checksum (hex). Idempotent: a complete round returns its checksum.
+    """
+    round = check_round(round, "features round")
+    final = features_path(round)
+    if is_complete(location, final):
+        return node_attrs(location, final)["checksum"]
+    path = writing_path(location, round)
+    try:
+        group = zarr.open_group(location.zarr_store, path=path, mode="r+")
+        recorded = group[DIGESTS][...]
+    except (OSError, ValueError, KeyError) as err:
+        raise StoreError(f"features round {round} was never prepared and written in store "
+                         f"{location.url}: run prepare_features and write_feature_chunks first"
+                         ) from err
+    digests = [row.tobytes() for row in recorded]
+    missing = [c for c, digest in enumerate(digests) if digest == MISSING]
+    if missing:
+        shown = ", ".join(map(str, missing[:20])) + (f" ... ({len(missing)} in all)"
+                                                     if len(missing) > 20 else "")
+        raise StoreError(f"features round {round} is missing chunks {shown} of {len(digests)}: "
+                         f"chunk c is written by rank c % world_size; did every rank finish?")
+    checksum = combine(digests)
+    with store_io(location, f"complete features round {round}"):
+        # The digests go into the attrs too: readers verify chunks without reading `digests`.
+        group.attrs.update({"checksum": checksum, "digest": DIGEST_NAME,
+                            "digests": to_hex(digests), "complete": True})
+        if location.is_local and not location.rename(path, final):
+            # Someone completed it concurrently; theirs is the published one.
+            location.remove(path)
+            return node_attrs(location, final)["checksum"]
+    return checksum
+
+
+def complete_feature_rounds(location: Location) -> list[int]:
+    """Rounds whose snapshot is complete, ascending."""
+    rounds = (parse_round_name(name) for name in location.list_dir(FEATURES))
+    return [r for r in rounds if r is not None and is_complete(location, features_path(r))]
+
+
+class FeatureReader:
+    """Reads a complete snapshot in row ranges, verifying every chunk it touches.
+
+    ``read(start, stop)`` returns (stop - start, dim) float32; a chunk whose contents do not
+    match the digest recorded at completion raises StoreError naming the chunk.
+    """
+
+    def __init__(self, location: Location, round: int, attrs: dict) -> None:
+        self.round = round
+        self.n = int(attrs["n"])
+        self.dim = int(attrs["dim"])
+        self.chunk_rows = int(attrs["chunk_rows"])
+        self.checksum = str(attrs["checksum"])
+        self._path = f"{features_path(round)}/{ROWS}"
+        self._digests = from_hex(attrs["digests"])
+        self._rows = zarr.open_array(location.zarr_store, path=self._path, mode="r")
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as (stop - start, dim) float32."""
+        if not (isinstance(start, (int, np.integer)) and isinstance(stop, (int, np.integer))
+                and 0 <= start <= stop <= self.n):
+            raise StoreError(f"row range [{start}, {stop}) is outside features round "
+                             f"{self.round}, which has rows [0, {self.n})")
+        return read_verified(self._rows, self._path, self._digests, self.chunk_rows,
+                             int(start), int(stop))
+
+    def read_all(self) -> np.ndarray:
+        """The whole bank, (n, dim) float32."""
+        return self.read(0, self.n)
+
+    def __repr__(self) -> str:
+        return (f"FeatureReader(round={self.round}, n={self.n}, dim={self.dim}, "
+                f"checksum={self.checksum[:12]}...)")
+
+
+def feature_reader(location: Location, round: int) -> FeatureReader:
+    round = check_round(round, "features round")
+    attrs = node_attrs(location, features_path(round))
+    if not attrs or attrs.get("complete") is not True:
+        have = complete_feature_rounds(location)
+        raise StoreError(f"features round {round} is not complete in store {location.url} "
+                         f"(complete rounds: {have or 'none'}): wait for training round "
+                         f"{round} to finish")
+    try:
+        return FeatureReader(location, round, attrs)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise StoreError(f"features round {round} in store {location.url} is damaged "
+                         f"({type(err).__name__}: {one_line(err)}): `nbr-index inspect` "
+                         f"shows what is wrong") from err
