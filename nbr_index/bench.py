@@ -1,0 +1,375 @@
+"""Benchmarks: the fused pass against FAISS k-NN alone, an unfused reference and a bare GEMM pass;
+and peak memory of a chunked rebuild read from a real store.
+
+Speed (``nbr-index bench``), on the same random unit vectors, in one process:
+  (a) FAISS IndexFlatIP top-(k+1) alone (faiss-gpu on CUDA when importable),
+  (b) the unfused reference (``reference.unfused_knn_entropy``),
+  (c) our fused pass (``knn_entropy``, backend torch),
+  (d) matmul only: the same tiles through a bare GEMM into a preallocated buffer,
+with peak memory per stage and a check of (c) against (b). Timings on a shared machine are noisy:
+compare the ratios of one run, and use --repeat (the minimum of each stage is reported).
+
+Memory (``nbr-index bench --mode memory`` / ``bench/knn_entropy_memory.py``): writes N random unit
+vectors to a store in a child process, then runs a chunked ``knn_entropy`` on the store's reader
+in a fresh child and reports its peak RSS above its RSS before the pass.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backends import knn_entropy, resolve_device
+from .errors import RebuildCancelled
+from .faiss_backend import faiss_gpu_available, import_faiss
+from .fused import BlockSizes, _intra_op_threads, _QueryBlock, _Schedule, default_block_sizes
+from .reference import unfused_knn_entropy
+
+
+def random_unit_vectors(n: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """(n, dim) float32 rows uniform on the unit sphere."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, dim, generator=generator), dim=1).contiguous()
+
+
+def run_speed_bench(
+    n: int, dim: int = 128, k: int = 1, tau: float = 0.1, device: str = "cpu", repeat: int = 1,
+    seed: int = 0, reference: bool = True, matmul_precision: str = "fp32",
+) -> dict:
+    """Time stages (a)-(d) ``repeat`` times; returns seconds (min), ratios, peaks and checks."""
+    torch_device = resolve_device(device)
+    features = random_unit_vectors(n, dim, seed)
+    on_device = features.to(torch_device)
+    stages: dict[str, list[float]] = {}
+    peaks: dict[str, int] = {}
+    outputs: dict[str, tuple] = {}
+
+    def timed(name: str, run):
+        _synchronize(torch_device)
+        before = _current_memory(torch_device)
+        _reset_peak_memory(torch_device)
+        started = time.perf_counter()
+        output = run()
+        _synchronize(torch_device)
+        stages.setdefault(name, []).append(time.perf_counter() - started)
+        # Peak above what the process held before the stage: the stage's own working memory.
+        peaks[name] = max(peaks.get(name, 0), _peak_memory(torch_device) - before)
+        return output
+
+    faiss_label = _faiss_label(torch_device)
+    for _ in range(repeat):
+        if faiss_label is not None:
+            outputs["faiss"] = timed("faiss_knn", lambda: _faiss_search(features, k, torch_device))
+        fused = timed("fused", lambda: knn_entropy(on_device, k=k, tau=tau, backend="torch", device=device,
+                                                     matmul_precision=matmul_precision))
+        outputs["fused"] = (fused.neighbours, fused.entropy)
+        if torch_device.type == "cuda":  # the same pass with the tile statistics as separate torch ops
+            timed("fused_torch_ops", lambda: knn_entropy(on_device, k=k, tau=tau, backend="torch", device=device,
+                                                         matmul_precision=matmul_precision, tile_kernel="torch"))
+        timed("matmul_only", lambda: _matmul_only(on_device))
+        if reference:
+            outputs["reference"] = timed("unfused_reference", lambda: _unfused(on_device, k, tau))
+
+    seconds = {name: min(times) for name, times in stages.items()}
+    report = {
+        "n": n, "dim": dim, "k": k, "tau": tau, "device": torch_device.type, "repeat": repeat,
+        "threads": torch.get_num_threads(), "matmul_precision": matmul_precision,
+        "faiss": faiss_label, "seconds": seconds, "all_seconds": stages,
+        "peak_memory_bytes": peaks,
+        "peak_memory_kind": (
+            "cuda max_memory_allocated above allocated before the stage" if torch_device.type == "cuda"
+            else "peak RSS (VmHWM) above RSS before the stage"
+        ),
+        "ratios": {},
+    }
+    fused_seconds = seconds["fused"]
+    if "faiss_knn" in seconds:
+        report["ratios"]["fused_over_faiss"] = fused_seconds / seconds["faiss_knn"]
+    report["ratios"]["fused_over_matmul"] = fused_seconds / seconds["matmul_only"]
+    if reference:
+        report["ratios"]["fused_over_reference"] = fused_seconds / seconds["unfused_reference"]
+        ref_neighbours, ref_entropy = outputs["reference"]
+        fused_neighbours, fused_entropy = outputs["fused"]
+        report["check_vs_reference"] = {
+            "top1_agreement": float((fused_neighbours[:, 0] == ref_neighbours[:, 0]).mean()),
+            "top1_disagreement_max_similarity_gap": _similarity_gap(
+                features, fused_neighbours[:, 0], ref_neighbours[:, 0]
+            ),
+            "max_entropy_abs_error": float(np.abs(fused_entropy - ref_entropy).max()),
+            "max_entropy_rel_error": float((np.abs(fused_entropy - ref_entropy) / np.abs(ref_entropy)).max()),
+        }
+    if "faiss" in outputs:
+        report["check_vs_faiss_top1_agreement"] = float((outputs["fused"][0][:, 0] == outputs["faiss"][:, 0]).mean())
+    return report
+
+
+def _similarity_gap(features: torch.Tensor, picked: np.ndarray, expected: np.ndarray) -> float:
+    """Largest float64 |m_i.m_a - m_i.m_b| over rows whose picks a and b differ (0 if none):
+    a disagreement of ~1e-7 is a near-tie decided by float32 rounding, not a wrong neighbour."""
+    rows = np.nonzero(picked != expected)[0]
+    if rows.size == 0:
+        return 0.0
+    m = features.numpy().astype(np.float64)
+    gaps = np.abs((m[rows] * m[picked[rows]]).sum(axis=1) - (m[rows] * m[expected[rows]]).sum(axis=1))
+    return float(gaps.max())
+
+
+def format_speed_report(report: dict) -> str:
+    """Human-readable lines of :func:`run_speed_bench`'s report."""
+    s, peaks = report["seconds"], report["peak_memory_bytes"]
+    lines = [
+        f"nbr-index bench: N={report['n']} d={report['dim']} k={report['k']} tau={report['tau']} "
+        f"device={report['device']} threads={report['threads']} repeat={report['repeat']} (min of repeats)"
+    ]
+    names = {
+        "faiss_knn": f"(a) FAISS k-NN alone [{report['faiss']}]",
+        "unfused_reference": "(b) unfused reference (matmul, topk, logsumexp, p*z)",
+        "fused": "(c) fused k-NN + entropy (ours)",
+        "fused_torch_ops": "(c') same, tile statistics as torch ops (no Triton)",
+        "matmul_only": "(d) matmul only (blocked GEMM, same tiles)",
+    }
+    for key, label in names.items():
+        if key in s:
+            lines.append(f"  {label:<58} {s[key]:9.3f} s   peak {peaks[key] / 2**20:9.1f} MiB")
+    lines.append("  ratios: " + ", ".join(f"{name} {value:.2f}" for name, value in report["ratios"].items()))
+    if "check_vs_reference" in report:
+        check = report["check_vs_reference"]
+        lines.append(
+            f"  check (c) vs (b): top-1 agreement {check['top1_agreement']:.6f} (disagreements are near-ties: "
+            f"similarity gap <= {check['top1_disagreement_max_similarity_gap']:.1e}), max entropy error "
+            f"{check['max_entropy_abs_error']:.2e} abs / {check['max_entropy_rel_error']:.2e} rel"
+        )
+    if "check_vs_faiss_top1_agreement" in report:
+        lines.append(f"  check (c) vs (a): top-1 agreement {report['check_vs_faiss_top1_agreement']:.6f}")
+    lines.append(f"  peak memory: {report['peak_memory_kind']}")
+    return "\n".join(lines)
+
+
+def _faiss_label(device: torch.device) -> str | None:
+    try:
+        import_faiss()
+    except Exception:
+        return None
+    if device.type == "cuda":
+        return "faiss-gpu GpuIndexFlatIP" if faiss_gpu_available() else None
+    return "faiss-cpu IndexFlatIP"
+
+
+def _faiss_search(features: torch.Tensor, k: int, device: torch.device) -> np.ndarray:
+    """Top-(k+1) with IndexFlatIP, self dropped: (N, k) ids. FAISS's own cost, no tie repair."""
+    faiss = import_faiss()
+    data = features.numpy()
+    index = faiss.IndexFlatIP(data.shape[1])
+    if device.type == "cuda":
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    index.add(data)
+    _, ids = index.search(data, k + 1)
+    own = ids == np.arange(len(ids))[:, None]
+    # A stable argsort of the "is self" flags moves self (if returned) to the end, order kept.
+    return np.take_along_axis(ids, np.argsort(own, axis=1, kind="stable"), axis=1)[:, :k]
+
+
+def _unfused(features: torch.Tensor, k: int, tau: float):
+    neighbours, _, entropy = unfused_knn_entropy(features, k, tau)
+    return neighbours.numpy(), entropy.numpy()
+
+
+def _matmul_only(features: torch.Tensor) -> None:
+    """The GEMM of every tile into a preallocated buffer, scheduled exactly like the fused pass
+    (on CPU: one worker thread per core with single-threaded GEMMs): the floor the pass builds on."""
+    device = features.device
+    blocks = default_block_sizes(device)
+    n = features.shape[0]
+    blocks = BlockSizes(min(blocks.query_rows, n), min(blocks.db_rows, n))
+    workers = 1 if device.type == "cuda" else torch.get_num_threads()
+    query_blocks = [
+        _QueryBlock(features, 0, start, min(start + blocks.query_rows, n), features, 0)
+        for start in range(0, n, blocks.query_rows)
+    ]
+    with _intra_op_threads(1 if workers > 1 else None):
+        _Schedule(total_tiles=0, progress=None).run(query_blocks, [_MatmulWorker(blocks, device) for _ in range(workers)])
+
+
+class _MatmulWorker:
+    """Stands in for the fused pass's tile worker: the GEMM only, same (B, C) tile shape."""
+
+    def __init__(self, blocks: BlockSizes, device: torch.device):
+        self.blocks = blocks
+        self.buffer = torch.empty((blocks.query_rows, blocks.db_rows), device=device)
+
+    def run(self, block: _QueryBlock) -> int:
+        queries = block.queries[block.b_start : block.b_stop]
+        tiles = 0
+        for start in range(0, block.database.shape[0], self.blocks.db_rows):
+            database = block.database[start : start + self.blocks.db_rows]
+            torch.mm(queries, database.T, out=self.buffer[: queries.shape[0], : database.shape[0]])
+            tiles += 1
+        return tiles
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 to clear_refs resets VmHWM (the peak RSS) of this process
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _current_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    return current_rss_bytes()
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (VmHWM, resettable), else ru_maxrss."""
+    status = _proc_status()
+    if "VmHWM" in status:
+        return status["VmHWM"]
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    return _proc_status().get("VmRSS", 0)
+
+
+def _proc_status() -> dict[str, int]:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return {}
+    values = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        parts = rest.split()
+        if len(parts) == 2 and parts[1] == "kB":
+            values[name] = int(parts[0]) * 1024
+    return values
+
+
+# ---------------------------------------------------------------------------------------- memory
+
+
+def run_memory_bench(
+    n: int, dim: int = 128, k: int = 1, tau: float = 0.1, store_dir: str | None = None,
+    chunk_read_rows: int = 65536, in_memory: bool = False, seed: int = 0, max_seconds: float | None = None,
+) -> dict:
+    """Peak RSS of a chunked (or, with in_memory, whole-snapshot) knn_entropy read from a store.
+
+    The store is written (once; reused when ``store_dir`` already holds one of this N and dim)
+    by a child process, and the pass runs in a fresh child so its peak is its own.
+    max_seconds: stop the pass after this long and report the peak so far (every buffer is
+    allocated by the end of the first database super-block, so the peak is reached early) with
+    the fraction of tiles done and the projected full time.
+    """
+    own_dir = store_dir is None
+    store_path = Path(store_dir or tempfile.mkdtemp(prefix="nbr-index-membench-")) / f"store-n{n}-d{dim}"
+    try:
+        _run_child("_write_store", {"path": str(store_path), "n": n, "dim": dim, "seed": seed})
+        return _run_child("_measure_pass", {
+            "path": str(store_path), "k": k, "tau": tau, "chunk_read_rows": chunk_read_rows,
+            "in_memory": in_memory, "max_seconds": max_seconds,
+        })
+    finally:
+        if own_dir:
+            import shutil
+
+            shutil.rmtree(store_path.parent, ignore_errors=True)
+
+
+def format_memory_report(report: dict) -> str:
+    mib = 2**20
+    return "\n".join([
+        f"nbr-index bench --mode memory: N={report['n']} d={report['dim']} k={report['k']} "
+        f"mode={'in-memory' if report['in_memory'] else 'chunked (read rows ' + str(report['chunk_read_rows']) + ')'}",
+        f"  feature bytes            {report['feature_bytes'] / mib:10.1f} MiB",
+        f"  RSS before the pass      {report['rss_before_bytes'] / mib:10.1f} MiB (imports, store opened)",
+        f"  peak RSS during the pass {report['peak_rss_bytes'] / mib:10.1f} MiB",
+        f"  peak above before        {report['peak_above_before_bytes'] / mib:10.1f} MiB"
+        f"  (target: <= feature bytes + 1024 MiB = {(report['feature_bytes'] + 2**30) / mib:.1f} MiB)",
+        f"  pass seconds             {report['seconds']:10.1f} s"
+        + ("" if report["completed"] else
+           f"  (stopped at {100 * report['fraction_done']:.1f}% of tiles; full pass ~{report['projected_seconds']:.0f} s)"),
+    ])
+
+
+def _run_child(function: str, arguments: dict) -> dict:
+    code = f"import json, sys; from nbr_index import bench; print(json.dumps(bench.{function}(json.loads(sys.argv[1]))))"
+    completed = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(arguments)], capture_output=True, text=True, check=False,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])},
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"memory bench child {function} failed: {completed.stderr.strip().splitlines()[-1:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def _write_store(arguments: dict) -> dict:
+    from storage import Store
+
+    n, dim = arguments["n"], arguments["dim"]
+    store = Store.create_or_open(arguments["path"], n=n, dim=dim, dataset_id=f"random-unit-{n}x{dim}")
+    if 0 not in store.complete_feature_rounds():
+        store.write_features(0, random_unit_vectors(n, dim, arguments["seed"]).numpy())
+    return {"path": arguments["path"]}
+
+
+def _measure_pass(arguments: dict) -> dict:
+    from storage import Store
+
+    store = Store.open(arguments["path"])
+    reader = store.feature_reader(0)
+    rss_before = current_rss_bytes()
+    _reset_peak_memory(torch.device("cpu"))
+    feature_bytes = reader.n * reader.dim * 4
+    max_seconds = arguments.get("max_seconds") or math.inf
+    started = time.perf_counter()
+    fraction_done = [0.0]
+
+    def stop_after_max_seconds(done: int, total: int) -> None:
+        fraction_done[0] = done / total
+        if time.perf_counter() - started > max_seconds:
+            raise RebuildCancelled("memory bench time limit")
+
+    try:
+        knn_entropy(
+            reader, k=arguments["k"], tau=arguments["tau"],
+            in_memory_bytes=math.inf if arguments["in_memory"] else 0,
+            chunk_read_rows=arguments["chunk_read_rows"], progress=stop_after_max_seconds,
+        )
+        completed = True
+    except RebuildCancelled:
+        completed = False
+    seconds = time.perf_counter() - started
+    peak = peak_rss_bytes()
+    return {
+        "n": reader.n, "dim": reader.dim, "k": arguments["k"], "in_memory": arguments["in_memory"],
+        "chunk_read_rows": arguments["chunk_read_rows"], "feature_bytes": feature_bytes,
+        "rss_before_bytes": rss_before, "peak_rss_bytes": peak, "peak_above_before_bytes": peak - rss_before,
+        "extra_over_feature_bytes": peak - rss_before - feature_bytes, "seconds": seconds,
+        "completed": completed, "fraction_done": 1.0 if completed else fraction_done[0],
+        "projected_seconds": seconds if completed else seconds / max(fraction_done[0], 1e-9),
+    }

@@ -1,0 +1,186 @@
+"""``nbr-index``: rebuild, serve, inspect and benchmark neighbourhood rounds of an AND store.
+
+Every user error prints ``error: <one line>`` to stderr and exits with status 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import click
+
+from storage import Store, UserError, format_description
+
+from .backends import BACKENDS
+from .curriculum import MODES
+from .fused import MATMUL_PRECISIONS
+from .progress import StderrProgress
+
+GIB = 1 << 30
+
+
+class _UserErrorsExit2(click.Group):
+    """Turns a UserError raised by any command into 'error: ...' on stderr and exit status 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_UserErrorsExit2, context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Anchor Neighbourhood Discovery: k-NN + entropy of the memory bank, curriculum anchors.
+
+    Training round r (1..R) uses neighbourhoods/round-r, computed from the memory bank after round
+    r-1 (features/round-(r-1)) in one blocked pass over the N x N similarities.
+    """
+
+
+def _compute_options(function):
+    """Options shared by rebuild and serve (curriculum overrides and the compute backend)."""
+    options = [
+        click.option("--rounds", type=int, default=None, help="R, the number of curriculum rounds [store's curriculum, else 4]."),
+        click.option("--k", "k", type=int, default=None, help="Neighbours per sample, self excluded [store's curriculum, else 1]."),
+        click.option("--tau", type=float, default=None, help="Softmax temperature of the entropy [store's curriculum, else 0.1]."),
+        click.option("--mode", type=click.Choice(MODES), default=None,
+                     help="progressive: floor(N r/R) lowest-entropy anchors; oneoff: all N [store's curriculum]."),
+        click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+                     help="torch: fused k-NN + entropy (auto picks it); faiss: exact FAISS k-NN; faiss-ivf: approximate."),
+        click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda:N)."),
+        click.option("--matmul-precision", type=click.Choice(MATMUL_PRECISIONS), default="fp32", show_default=True,
+                     help="CUDA only: tf32/bf16 GEMM are faster but not exact."),
+        click.option("--nprobe", type=int, default=32, show_default=True, help="faiss-ivf: inverted lists visited per query."),
+        click.option("--nlist", type=int, default=None, help="faiss-ivf: inverted lists [about 4 sqrt(N)]."),
+        click.option("--max-in-memory-gb", type=float, default=4.0, show_default=True,
+                     help="Load snapshots up to this size whole; larger ones are read in row chunks."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _rebuild_options(rounds, k, tau, mode, backend, device, matmul_precision, nprobe, nlist, max_in_memory_gb) -> dict:
+    return dict(
+        rounds=rounds, k=k, tau=tau, mode=mode, backend=backend, device=device,
+        matmul_precision=matmul_precision, nprobe=nprobe, nlist=nlist,
+        in_memory_bytes=int(max_in_memory_gb * GIB) if math.isfinite(max_in_memory_gb) else math.inf,
+    )
+
+
+@main.command()
+@click.option("--store", "store_url", required=True, help="Store path or fsspec URL.")
+@click.option("--round", "round_", type=int, required=True, help="Neighbourhood round to build (1..R).")
+@_compute_options
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON line.")
+@click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
+def rebuild(store_url, round_, as_json, quiet, **options) -> None:
+    """Build neighbourhoods/round-ROUND from features/round-(ROUND-1) and publish it.
+
+    Idempotent: a round already published is reported, not recomputed.
+    """
+    from .rebuild import rebuild as run_rebuild
+
+    store = Store.open(store_url)
+    progress = None if quiet else StderrProgress(f"nbr-index rebuild round {round_}")
+    result = run_rebuild(store, round_, progress=progress, **_rebuild_options(**options))
+    click.echo(json.dumps(result.to_json(), sort_keys=True) if as_json else result.summary())
+
+
+@main.command()
+@click.option("--store", "store_url", required=True, help="Store path or fsspec URL (may not exist yet).")
+@click.option("--poll-seconds", type=float, default=5.0, show_default=True, help="How often to look for new features.")
+@click.option("--once", is_flag=True, help="Rebuild what is ready now, then exit.")
+@click.option("--wait-for-store/--no-wait-for-store", default=None,
+              help="Wait for the trainer to create the store instead of failing [wait, unless --once].")
+@click.option("--until-round", type=int, default=None, help="Exit once this round is published [R].")
+@click.option("--progress-seconds", type=float, default=30.0, show_default=True, help="Seconds between progress lines.")
+@click.option("--stall-seconds", type=float, default=0.0, hidden=True,
+              help="Test hook: sleep this long at the start of every rebuild.")
+@_compute_options
+def serve(store_url, poll_seconds, once, wait_for_store, until_round, progress_seconds, stall_seconds,
+          **options) -> None:
+    """Watch the store; rebuild round r as soon as features/round-(r-1) is complete.
+
+    Never publishes a round twice or skips one, also across restarts. SIGTERM/SIGINT abandon the
+    rebuild in progress (nothing half-published) and exit; exits by itself after the last round.
+    """
+    from .serve import configure_logging, serve as run_serve
+
+    configure_logging()
+    run_serve(
+        store_url, poll_seconds=poll_seconds, once=once, wait_for_store=wait_for_store, until_round=until_round,
+        progress_seconds=progress_seconds, stall_seconds=stall_seconds, **_rebuild_options(**options),
+    )
+
+
+@main.command()
+@click.option("--store", "store_url", required=True, help="Store path or fsspec URL.")
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+@click.option("--verify", is_flag=True, help="Recompute every checksum and report corrupted chunks.")
+def inspect(store_url, as_json, verify) -> None:
+    """Describe what the store holds: feature snapshots, neighbourhood rounds, curriculum."""
+    store = Store.open(store_url)
+    description = store.describe()
+    report = store.verify() if verify else None
+    if as_json:
+        if report is not None:
+            description = {**description, "verify": report.to_dict()}
+        click.echo(json.dumps(description, sort_keys=True))
+    else:
+        click.echo(format_description(description, report))
+    if report is not None and not report.ok:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--mode", type=click.Choice(["speed", "memory"]), default="speed", show_default=True,
+              help="speed: FAISS vs unfused reference vs fused vs matmul; memory: peak RSS of a chunked rebuild from a store.")
+@click.option("--n", "n", type=int, default=50_000, show_default=True, help="Rows (random unit vectors).")
+@click.option("--dim", type=int, default=128, show_default=True)
+@click.option("--k", "k", type=int, default=1, show_default=True)
+@click.option("--tau", type=float, default=0.1, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--repeat", type=int, default=1, show_default=True, help="Runs of each stage; the minimum is reported.")
+@click.option("--no-reference", is_flag=True, help="Skip the (slow) unfused reference.")
+@click.option("--matmul-precision", type=click.Choice(MATMUL_PRECISIONS), default="fp32", show_default=True)
+@click.option("--store-dir", default=None, help="memory mode: where to keep the generated store (reused).")
+@click.option("--in-memory", is_flag=True, help="memory mode: load the snapshot whole instead of in chunks.")
+@click.option("--max-seconds", type=float, default=None,
+              help="memory mode: stop the pass after this long; report the peak so far and the projected time.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON line.")
+def bench(mode, n, dim, k, tau, device, repeat, no_reference, matmul_precision, store_dir, in_memory, max_seconds,
+          as_json) -> None:
+    """Benchmark the rebuild compute on random unit vectors.
+
+    \b
+    --mode speed, on the same vectors in one run (compare the ratios):
+      (a) FAISS IndexFlatIP k-NN alone (faiss-gpu on cuda when importable)
+      (b) the unfused reference: block matmul, topk, logsumexp, sum p*z
+      (c) the fused k-NN + entropy pass that rebuild runs
+      (d) matmul only: the same tiles through a bare GEMM (the GPU target's baseline)
+    with peak memory per stage and a check of (c) against (b).
+    --mode memory: peak RSS of a chunked rebuild read from a real store.
+    """
+    from . import bench as benchmarks
+
+    if n < 2 or dim < 1 or repeat < 1:
+        raise click.BadParameter("need --n >= 2, --dim >= 1, --repeat >= 1")
+    if mode == "speed":
+        report = benchmarks.run_speed_bench(
+            n, dim, k, tau, device, repeat, reference=not no_reference, matmul_precision=matmul_precision
+        )
+        text = benchmarks.format_speed_report(report)
+    else:
+        report = benchmarks.run_memory_bench(n, dim, k, tau, store_dir=store_dir, in_memory=in_memory,
+                                             max_seconds=max_seconds)
+        text = benchmarks.format_memory_report(report)
+    click.echo(json.dumps(report, sort_keys=True) if as_json else text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""``rebuild``: features/round-(r-1) -> k-NN + entropy -> anchors -> neighbourhoods/round-r.
+
+The one code path for every caller: ``nbr-index rebuild``, ``nbr-index serve`` and the trainer's
+in-process rebuild between rounds. Publishing is atomic and idempotent (storage's
+``publish_neighbourhoods``): a round already published is returned as it is, never recomputed
+or overwritten, so a restarted or duplicated caller cannot publish a round twice.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from storage import Store
+
+from .backends import knn_entropy, resolve_backend, resolve_device
+from .curriculum import MODES, check_round, neighbour_consistency, neighbourhood_consistency, select_anchors
+from .errors import FeaturesNotReadyError, InvalidFeaturesError, InvalidParameterError
+from .fused import Progress
+
+# Used when the store records no curriculum (the trainer normally writes one).
+DEFAULT_CURRICULUM = {"rounds": 4, "k": 1, "tau": 0.1, "mode": "progressive"}
+
+
+@dataclass
+class RebuildResult:
+    """What neighbourhoods/round-``round`` holds.
+
+    neighbours (N, k) int64; entropy (N,) float32; anchor (N,) bool; attrs as published.
+    published: True if this call published the round, False if it was already there.
+    """
+
+    round: int
+    published: bool
+    neighbours: np.ndarray
+    entropy: np.ndarray
+    anchor: np.ndarray
+    attrs: dict
+
+    @property
+    def anchors(self) -> int:
+        return int(self.anchor.sum())
+
+    def summary(self) -> str:
+        """One line for logs and the CLI."""
+        a = self.attrs
+        state = "published" if self.published else "already published"
+        consistency = a.get("consistency")
+        parts = [
+            f"round {self.round} {state}: {self.anchors} anchors of {self.anchor.size}",
+            f"k={a.get('k')}",
+            f"tau={a.get('tau')}",
+            f"mode={a.get('mode')}",
+            f"from features round {a.get('source_features_round')}",
+            f"{a.get('seconds', float('nan')):.2f} s",
+            f"backend {a.get('backend')} on {a.get('device', '?')}",
+        ]
+        if isinstance(consistency, (int, float)):
+            parts.append(f"consistency {consistency:.1f}%")
+        if isinstance(a.get("recall"), (int, float)):
+            parts.append(f"recall@k {a['recall']:.4f}")
+        return ", ".join(parts)
+
+    def to_json(self) -> dict:
+        return {"round": self.round, "published": self.published, "anchors": self.anchors, **self.attrs}
+
+
+def rebuild(
+    store: Store,
+    round: int,
+    *,
+    rounds: int | None = None,
+    k: int | None = None,
+    tau: float | None = None,
+    mode: str | None = None,
+    backend: str = "auto",
+    device: str = "cpu",
+    progress: Progress | None = None,
+    **compute_options,
+) -> RebuildResult:
+    """Compute and publish neighbourhoods/round-``round`` from features/round-(round-1).
+
+    rounds, k, tau, mode default to ``store.info.curriculum``. compute_options go to
+    ``knn_entropy`` (in_memory_bytes, chunk_read_rows, block_sizes, matmul_precision, workers,
+    nlist, nprobe). Returns the published round, or the one found already published.
+    Raises UserError subclasses, with nothing published, for bad parameters, features that are
+    missing/incomplete/invalid, or an unavailable backend/device.
+    """
+    started = time.perf_counter()
+    curriculum = {**DEFAULT_CURRICULUM, **(store.info.curriculum or {})}
+    rounds = curriculum["rounds"] if rounds is None else rounds
+    k = curriculum["k"] if k is None else k
+    tau = float(curriculum["tau"] if tau is None else tau)
+    mode = curriculum["mode"] if mode is None else mode
+    n = store.info.n
+    check_round(round, rounds)
+    if mode not in MODES:
+        raise InvalidParameterError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k < n:
+        raise InvalidParameterError(f"k must satisfy 1 <= k < N = {n} (self is excluded), got k = {k!r}")
+    if not (tau > 0 and math.isfinite(tau)):
+        raise InvalidParameterError(f"tau must be a positive temperature, got {tau}")
+
+    resolve_backend(backend, resolve_device(device))  # an unusable backend/device fails before any work
+
+    if round in store.published_rounds():
+        return _published(store, round, published=False)
+
+    source_round = round - 1
+    complete = store.complete_feature_rounds()
+    if source_round not in complete:
+        raise FeaturesNotReadyError(
+            f"neighbourhood round {round} waits for features round {source_round}, which is not "
+            f"complete in store {store.url} (complete feature rounds: {complete or 'none'}); "
+            f"finish training round {source_round} first"
+        )
+    reader = store.feature_reader(source_round)
+    if (reader.n, reader.dim) != (n, store.info.dim):
+        raise InvalidFeaturesError(
+            f"features round {source_round} has shape ({reader.n}, {reader.dim}) but the store "
+            f"is for ({n}, {store.info.dim}); the snapshot does not belong to this store"
+        )
+
+    result = knn_entropy(
+        reader, k=int(k), tau=tau, backend=backend, device=device, progress=progress,
+        expected_dim=store.info.dim, **compute_options,
+    )
+    anchor = select_anchors(result.entropy, round, rounds, mode)
+    attrs = {
+        "round": round,
+        "rounds": int(rounds),
+        "k": int(k),
+        "tau": tau,
+        "fraction": float(anchor.sum()) / n,
+        "mode": mode,
+        "source_features_round": source_round,
+        "source_checksum": reader.checksum,
+        "backend": result.backend,
+        "device": result.device,
+        **{key: value for key, value in result.details.items() if value is not None},
+    }
+    if result.recall is not None:
+        attrs["recall"] = result.recall
+    labels = store.read_labels()
+    if labels is not None and anchor.any():
+        attrs["consistency"] = neighbourhood_consistency(result.neighbours, anchor, labels)
+        attrs["neighbour_consistency"] = neighbour_consistency(result.neighbours, anchor, labels)
+    attrs["seconds"] = time.perf_counter() - started
+
+    published = store.publish_neighbourhoods(
+        round, result.neighbours.astype(np.int64, copy=False), result.entropy.astype(np.float32, copy=False),
+        anchor, attrs,
+    )
+    if not published:  # another process published it meanwhile: theirs is the round
+        return _published(store, round, published=False)
+    return RebuildResult(round, True, result.neighbours, result.entropy, anchor, {**attrs, "anchors": int(anchor.sum())})
+
+
+def _published(store: Store, round: int, published: bool) -> RebuildResult:
+    found = store.read_neighbourhoods(round)
+    return RebuildResult(round, published, found.neighbours, found.entropy, found.anchor, dict(found.attrs))

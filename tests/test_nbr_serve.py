@@ -1,0 +1,113 @@
+"""nbr-index serve as a real process: rounds as features appear, SIGKILL mid-round, SIGTERM."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from storage import Store
+
+N, DIM, ROUNDS = 400, 8, 3
+REPO = Path(__file__).resolve().parents[1]
+
+
+def unit_rows(n, dim, seed=0):
+    rows = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def start_serve(store_path, log_path, *extra):
+    log = open(log_path, "a")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nbr_index", "serve", "--store", str(store_path), "--poll-seconds", "0.1", *extra],
+        stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+    )
+    log.close()
+    return process
+
+
+def wait_for(condition, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def log_text(log_path):
+    return Path(log_path).read_text()
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = Store.create_or_open(str(tmp_path / "store"), n=N, dim=DIM, dataset_id="serve",
+                                 curriculum={"rounds": ROUNDS, "k": 1, "tau": 0.1, "mode": "progressive"},
+                                 chunk_rows=64)
+    store.write_features(0, unit_rows(N, DIM, seed=0))
+    return store
+
+
+@pytest.mark.slow
+def test_serve_survives_sigkill_mid_round_and_publishes_every_round_once(store, tmp_path):
+    log_path = tmp_path / "serve.log"
+    # 1. Killed in the middle of round 1 (the stall hook holds it inside the rebuild).
+    first = start_serve(store.url, log_path, "--stall-seconds", "60")
+    wait_for(lambda: "rebuilding neighbourhood round 1" in log_text(log_path), what="round 1 to start")
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=10)
+    assert store.published_rounds() == []
+
+    # 2. Restarted: redoes round 1, then each round as soon as its features are complete.
+    second = start_serve(store.url, log_path)
+    wait_for(lambda: store.published_rounds() == [1], what="round 1")
+    round_one = store.read_neighbourhoods(1).attrs
+    store.write_features(1, unit_rows(N, DIM, seed=1))
+    wait_for(lambda: store.published_rounds() == [1, 2], what="round 2")
+    store.write_features(2, unit_rows(N, DIM, seed=2))
+    assert second.wait(timeout=60) == 0  # exits by itself once round R = 3 is published
+
+    assert store.published_rounds() == [1, 2, 3]
+    assert store.read_neighbourhoods(1).attrs == round_one  # never published again
+    assert [store.read_neighbourhoods(r).attrs["anchors"] for r in (1, 2, 3)] == [133, 266, 400]
+    assert [store.read_neighbourhoods(r).attrs["source_features_round"] for r in (1, 2, 3)] == [0, 1, 2]
+    text = log_text(log_path)
+    for r in (1, 2, 3):
+        assert text.count(f"round {r} published:") == 1
+    assert "all rounds up to 3 done, exiting" in text
+    assert not store.describe().get("leftovers")  # no half-written round left behind
+
+    # 3. A restart after the last round has nothing to do and exits at once.
+    third = start_serve(store.url, log_path)
+    assert third.wait(timeout=60) == 0
+    assert store.published_rounds() == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_sigterm_abandons_the_round_in_progress_and_exits_cleanly(store, tmp_path):
+    log_path = tmp_path / "serve.log"
+    process = start_serve(store.url, log_path, "--stall-seconds", "60")
+    wait_for(lambda: "rebuilding neighbourhood round 1" in log_text(log_path), what="round 1 to start")
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=20) == 0
+    assert time.monotonic() - started < 10
+    assert store.published_rounds() == []
+    assert "round 1 abandoned before publishing" in log_text(log_path)
+
+
+def test_serve_once_with_nothing_ready_and_a_missing_store(store, tmp_path):
+    log_path = tmp_path / "serve.log"
+    store.write_features(1, unit_rows(N, DIM, seed=1))
+    once = start_serve(store.url, log_path, "--once", "--until-round", "2")
+    assert once.wait(timeout=60) == 0
+    assert store.published_rounds() == [1, 2]
+    missing = subprocess.run(
+        [sys.executable, "-m", "nbr_index", "serve", "--store", str(tmp_path / "none"), "--once"],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert missing.returncode == 2 and missing.stderr.startswith("error: no store at")
