@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from datetime import timedelta
 
 import torch
@@ -134,8 +135,49 @@ def launch_local(worker, args: tuple, world_size: int, max_restarts: int = 0,
     try:
         return elastic_launch(config, worker)(*args)
     except ChildFailedError as failure:
-        first = next(iter(failure.failures.values()))
+        rank, first = next(iter(failure.failures.items()))
         raise LaunchError(
-            f"worker rank {first.global_rank} failed (exit code {first.exitcode}) after "
+            f"worker rank {rank} failed (exit code {first.exitcode}) after "
             f"{max_restarts} restart(s); see the log above, or raise --max-restarts"
         ) from None
+
+
+def train_worker(cfg_dict: dict, resume: bool, check_replicas: bool) -> dict | None:
+    """One rank of ``trainer run --world-size W`` (spawned by the elastic agent, or by an outer torchrun).
+
+    After a restart by the agent (a worker died), every rank resumes from the run's last
+    checkpoint; the first attempt honours ``resume`` as given. Returns the summary on rank 0.
+    """
+    from trainer.checkpoint import checkpoint_path
+    from trainer.config import config_from_dict
+    from trainer.loop import train
+
+    cfg = config_from_dict(cfg_dict)
+    world = join_world(cfg.device)
+    try:
+        if restart_count() > 0:
+            resume = os.path.exists(checkpoint_path(cfg.run_dir))
+            if world.is_main:
+                print(f"restart {restart_count()}: " + ("resuming from the last checkpoint" if resume
+                                                         else "no checkpoint yet, starting over"), flush=True)
+        log = run_dir_log(cfg.run_dir) if world.is_main else (lambda _message: None)
+        summary = train(cfg, world, resume=resume, log=log, check_replicas=check_replicas)
+    except UserError as err:
+        # One line for the user; the agent reports the exit status (and restarts, if allowed).
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    finally:
+        leave_world(world)
+    return summary if world.is_main else None
+
+
+def run_dir_log(run_dir: str):
+    """A log function: print (flushed, the agent's pipes buffer) and append to <run_dir>/train.log."""
+    log_path = os.path.join(run_dir, "train.log")
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+        if os.path.isdir(run_dir):
+            with open(log_path, "a") as fh:
+                fh.write(message + "\n")
+    return log

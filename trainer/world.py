@@ -50,13 +50,48 @@ class World:
         return tensor
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """DistributedDataParallel over the ranks; the model itself in a one-process world."""
+        """DistributedDataParallel over the ranks; the model itself in a one-process world.
+
+        On CUDA, batch norm is synchronised across ranks, so W ranks with batch B/W each
+        normalise with the statistics of the whole global batch B, as one process with batch B
+        does (torch's SyncBatchNorm has no CPU kernel: on gloo each rank normalises its own B/W
+        images, and DDP broadcasts rank 0's running statistics so the replicas stay equal).
+        The returned module shares its parameters with ``model``.
+        """
         if not self.distributed:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
+        if self.device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
+
+    def sync_buffers(self, model: torch.nn.Module) -> None:
+        """Give every rank rank 0's buffers (batch-norm running statistics).
+
+        DDP broadcasts them at the start of each forward, so after an epoch's last step each
+        rank still holds the statistics of its own last batch; evaluation and checkpoints need
+        the replicas equal.
+        """
+        if not self.distributed:
+            return
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+    def assert_identical(self, what: str, *tensors: torch.Tensor) -> None:
+        """Raise if ``tensors`` differ in any bit between ranks (debug mode, ``--check-replicas``)."""
+        if not self.distributed:
+            return
+        import hashlib
+
+        digest = hashlib.blake2b(digest_size=16)
+        for tensor in tensors:
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digests = [None] * self.world_size
+        dist.all_gather_object(digests, digest.hexdigest())
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"replicas diverged: {what} differs between ranks ({digests})")
 
     def broadcast_object(self, obj):
         """Rank 0's ``obj`` on every rank."""

@@ -1,0 +1,58 @@
+"""The files a newcomer meets first: the README's commands, CI, and the compose services."""
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> dict[str, str]:
+    """The two commands of the README's quick start, by their labels."""
+    text = (ROOT / "README.md").read_text()
+    found = dict(re.findall(r"<!-- (main-job|tests) -->\s*```(?:bash|sh)?\n(.+?)\n```", text, re.S))
+    assert set(found) == {"main-job", "tests"}, "README must label its two quick-start commands"
+    return found
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    ci_lines = [line.strip() for line in (ROOT / ".ci/run").read_text().splitlines()]
+    assert readme_commands()["tests"].strip() in ci_lines
+
+
+def test_main_job_runs_the_trainer_on_its_default():
+    assert readme_commands()["main-job"].strip().endswith("trainer run")
+
+
+def _click_parses(group, argv: list[str]) -> None:
+    """Raise if ``argv`` is not a valid invocation of ``group`` (no command is run)."""
+    import click
+
+    ctx = click.Context(group, info_name=argv[0])
+    command = group.get_command(ctx, argv[1])
+    assert command is not None, f"{argv[0]} has no command {argv[1]!r}"
+    command.make_context(argv[1], list(argv[2:]), parent=ctx)
+
+
+@pytest.mark.parametrize("compose_file", ["compose.yaml", "compose.gpu.yaml"])
+def test_compose_services_invoke_real_commands(compose_file):
+    from nbr_index.cli import main as nbr_index_main
+    from trainer.cli import main as trainer_main
+
+    clis = {"nbr-index": nbr_index_main, "trainer": trainer_main}
+    services = yaml.safe_load((ROOT / compose_file).read_text())["services"]
+    assert set(services) == {"nbr-index", "trainer"}
+    for service in services.values():
+        argv = service["command"]
+        argv = shlex.split(argv) if isinstance(argv, str) else argv
+        _click_parses(clis[argv[0]], argv)
+
+
+def test_compose_services_share_one_store_volume():
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    mounts = [set(s["volumes"]) for s in services.values()]
+    assert "store:/store" in mounts[0] & mounts[1]

@@ -1,0 +1,279 @@
+"""The trainer end to end: schedule, configuration, CLI errors, short real runs on digits,
+resume after SIGKILL, and the --index service mode against a real `nbr-index serve`."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from trainer.cli import main
+from trainer.config import ConfigError, TrainConfig, config_from_dict, load_config_file, resolve
+from trainer.schedule import lr_at, make_optimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+# Subprocesses: one thread each, so that two runs compare bit for bit and do not fight over 2 cores.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread_and_restored_determinism():
+    """In-process runs use one thread too (2 shared cores: oversubscribed threads spin) and
+    leave torch's global deterministic flag as they found it."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+# ---------------------------------------------------------------- schedule
+
+def test_lr_schedule_of_a_paper_round_200_epochs():
+    lrs = {e: lr_at(e, 200, 0.03) for e in (0, 79, 80, 119, 120, 159, 160, 199)}
+    assert lrs == pytest.approx({0: 0.03, 79: 0.03, 80: 0.003, 119: 0.003, 120: 3e-4, 159: 3e-4,
+                                 160: 3e-5, 199: 3e-5})
+
+
+def test_lr_schedule_scales_to_short_rounds():
+    assert [lr_at(e, 10, 0.03) for e in range(10)] == pytest.approx([0.03] * 4 + [3e-3] * 2 + [3e-4] * 2 + [3e-5] * 2)
+    assert [lr_at(e, 1, 0.03) for e in range(1)] == pytest.approx([0.03])
+    # The authors' StepPolicy reading (first decay at 120 of 200): milestones 0.6, 0.8.
+    assert [lr_at(e, 200, 0.03, (0.6, 0.8)) for e in (119, 120, 160)] == pytest.approx([0.03, 3e-3, 3e-4])
+
+
+def test_optimizer_is_nesterov_sgd_with_weight_decay():
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(2))], 0.03)
+    group = opt.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]) == (0.03, 0.9, 5e-4, True)
+
+
+# ---------------------------------------------------------------- configuration
+
+def test_config_files_yaml_and_toml_with_flags_overriding(tmp_path):
+    (tmp_path / "a.yaml").write_text("rounds: 2\nbatch-size: 64\nlr_milestones: [0.5]\n")
+    (tmp_path / "a.toml").write_text('rounds = 3\nmethod = "instance"\ntau = 0.07\n')
+    cfg = config_from_dict({**load_config_file(str(tmp_path / "a.yaml")), "rounds": 5})
+    assert (cfg.rounds, cfg.batch_size, cfg.lr_milestones) == (5, 64, [0.5])
+    cfg = config_from_dict(load_config_file(str(tmp_path / "a.toml")))
+    assert (cfg.rounds, cfg.method, cfg.tau) == (3, "instance", 0.07)
+
+
+def test_unknown_or_mistyped_config_keys_are_one_line_errors():
+    with pytest.raises(ConfigError, match="unknown config key\\(s\\): epochs, learning_rate"):
+        config_from_dict({"epochs": 3, "learning_rate": 0.1})
+    with pytest.raises(ConfigError, match="config key 'rounds' needs a int, got 'many'"):
+        config_from_dict({"rounds": "many"})
+
+
+def test_resolve_fills_dataset_defaults():
+    cfg = resolve(TrainConfig(), now="T")
+    assert (cfg.epochs_per_round, cfg.run_dir, cfg.store) == (30, "runs/and-digits-smallcnn-T", "runs/and-digits-smallcnn-T/store")
+    assert resolve(TrainConfig(dataset="cifar10", data_root="x", run_dir="r")).epochs_per_round == 200
+
+
+# ---------------------------------------------------------------- CLI bad input
+
+def _cli(args):
+    return CliRunner().invoke(main, args)
+
+
+def _one_line_error(result, message):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "mnist"], "unknown dataset 'mnist'"),
+    (["--arch", "vgg16"], "unknown arch 'vgg16'"),
+    (["--method", "simclr"], "unknown method 'simclr'"),
+    (["--rounds", "0"], "--rounds must be at least 1"),
+    (["--k", "1500"], "--k 1500 must be smaller than the training set size N = 1500"),
+    (["--batch-size", "4096"], "--batch-size 4096 is larger than the training set (N = 1500)"),
+    (["--dataset", "cifar10"], "--dataset cifar10 needs --data-root"),
+    (["--index", "remote"], "unknown index mode 'remote'"),
+])
+def test_bad_flags_exit_2_with_one_line_and_write_nothing(tmp_path, args, message):
+    run = tmp_path / "run"
+    _one_line_error(_cli(["run", "--run-dir", str(run), *args]), message)
+    assert not run.exists()
+
+
+def test_bad_data_roots_exit_2_with_one_line_and_write_nothing(tmp_path):
+    run = tmp_path / "run"
+    (tmp_path / "data" / "train" / "a").mkdir(parents=True)
+    _one_line_error(_cli(["run", "--run-dir", str(run), "--dataset", "imagefolder", "--data-root",
+                          str(tmp_path / "data")]), "has no test/ folder")
+    (tmp_path / "data" / "test" / "a").mkdir(parents=True)
+    _one_line_error(_cli(["run", "--run-dir", str(run), "--dataset", "imagefolder", "--data-root",
+                          str(tmp_path / "data")]), "holds no images")
+    assert not run.exists()
+
+
+def test_unknown_config_file_key_and_resume_without_checkpoint(tmp_path):
+    (tmp_path / "c.yaml").write_text("rounds: 2\nwarmup: 5\n")
+    _one_line_error(_cli(["run", "--run-dir", str(tmp_path / "run"), "--config", str(tmp_path / "c.yaml")]),
+                    "unknown config key(s): warmup")
+    _one_line_error(_cli(["run", "--run-dir", str(tmp_path / "run"), "--resume"]), "no checkpoint at")
+    _one_line_error(_cli(["run", "--resume"]), "--resume needs the --run-dir")
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_lists_the_flags():
+    result = _cli(["run", "--help"])
+    assert result.exit_code == 0
+    for flag in ("--dataset", "--data-root", "--arch", "--method", "--rounds", "--epochs-per-round", "--batch-size",
+                 "--lr", "--k", "--tau", "--store", "--seed", "--device", "--run-dir", "--index", "--eval-every",
+                 "--config", "--resume", "--index-timeout"):
+        assert flag in result.output
+
+
+def test_speed_command_reports_both_rates():
+    result = _cli(["speed", "--size", "8", "--n", "64", "--batch-size", "8", "--steps", "1"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert [line.split(": ")[1] for line in lines] == ["model only", "full AND step"]
+    assert all(line.endswith(" images/s") for line in lines)
+
+
+# ---------------------------------------------------------------- short real runs
+
+SHORT = ["--rounds", "2", "--epochs-per-round", "1", "--seed", "0"]
+
+
+@pytest.mark.parametrize("method, anchors", [("and", [0, 750, 1500]), ("instance", [0, 0, 0]),
+                                             ("and-oneoff", [0, 1500, 1500])])
+def test_short_digits_run_writes_a_well_formed_summary(tmp_path, method, anchors):
+    run = tmp_path / "run"
+    result = _cli(["run", "--run-dir", str(run), "--method", method, *SHORT])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert f"summary: {run / 'summary.json'}" in result.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["config"]["method"] == method and summary["config"]["epochs_per_round"] == 1
+    saved = config_from_dict(load_config_file(str(run / "config.yaml")))     # config.yaml feeds --config
+    assert saved.to_dict() == summary["config"]
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    assert [r["anchors"] for r in summary["rounds"]] == anchors
+    for row in summary["rounds"]:
+        assert set(row) == {"round", "knn_top1", "anchors", "consistency", "seconds"}
+        assert isinstance(row["knn_top1"], float) and row["seconds"] > 0
+        assert (row["consistency"] is None) == (row["anchors"] == 0)
+    assert summary["final_knn_top1"] == summary["rounds"][-1]["knn_top1"] > 10.0     # 10 classes: chance is 10%
+    for png in ("knn_per_round.png", "consistency_per_round.png", "entropy_per_round.png"):
+        assert (run / png).stat().st_size > 1000
+    from storage import Store
+
+    store = Store.open(str(run / "store"))
+    assert store.complete_feature_rounds() == [0, 1, 2]
+    assert store.published_rounds() == ([] if method == "instance" else [1, 2])
+    from trainer.data import load_dataset
+
+    assert store.read_labels().tolist() == load_dataset("digits").train.labels.tolist()
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert (ckpt["round"], ckpt["epoch"], ckpt["config"]["method"]) == (3, 0, method)
+    assert not any(k.startswith("module.") for k in ckpt["model"])
+    # The final memory bank is the last snapshot in the store.
+    assert torch.equal(torch.from_numpy(store.feature_reader(2).read_all()), ckpt["memory"])
+    if method == "and":
+        probe = _cli(["linear-probe", "--run-dir", str(run), "--epochs", "2"])
+        assert probe.exit_code == 0, probe.output + probe.stderr
+        result = json.loads((run / "linear_probe.json").read_text())
+        assert set(result) == {"train_top1", "test_top1", "epochs", "knn_top1_memory", "knn_top1_recomputed",
+                               "round", "epoch", "features"}
+        assert result["knn_top1_memory"] == summary["final_knn_top1"] and result["test_top1"] > 10.0
+
+
+def test_a_run_dir_with_a_checkpoint_is_not_reused_without_resume(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"earlier run")
+    _one_line_error(_cli(["run", "--run-dir", str(run), "--rounds", "1"]), "already holds a run: pass --resume")
+    assert not (run / "store").exists()
+
+
+# ---------------------------------------------------------------- resume after SIGKILL
+
+def _trainer(*args):
+    return [sys.executable, "-m", "trainer.cli", "run", *args]
+
+
+def _checkpoint_round_epoch(path: Path):
+    try:
+        state = torch.load(path, weights_only=False, map_location="cpu")
+    except Exception:
+        return None
+    return state["round"], state["epoch"]
+
+
+def test_resume_after_sigkill_gives_the_uninterrupted_result(tmp_path):
+    args = ["--rounds", "2", "--epochs-per-round", "4", "--seed", "3"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(_trainer(*args, "--run-dir", str(whole)), env=ENV, check=True, capture_output=True, timeout=300)
+
+    proc = subprocess.Popen(_trainer(*args, "--run-dir", str(killed)), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:                      # kill inside round 1, after its rebuild
+        position = _checkpoint_round_epoch(killed / "checkpoint.pt") if (killed / "checkpoint.pt").exists() else None
+        if position is not None and position >= (1, 1):
+            break
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists(), "killed too late: the run had finished"
+
+    subprocess.run(_trainer("--run-dir", str(killed), "--resume"), env=ENV, check=True, capture_output=True, timeout=300)
+    a = torch.load(whole / "checkpoint.pt", weights_only=False)
+    b = torch.load(killed / "checkpoint.pt", weights_only=False)
+    assert torch.equal(a["memory"], b["memory"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (whole, killed))
+    assert [r["knn_top1"] for r in sa["rounds"]] == [r["knn_top1"] for r in sb["rounds"]]
+    assert sa["final_knn_top1"] == sb["final_knn_top1"]
+    assert [r["consistency"] for r in sa["rounds"]] == [r["consistency"] for r in sb["rounds"]]
+
+
+# ---------------------------------------------------------------- --index service
+
+def test_service_mode_times_out_with_one_line(tmp_path):
+    run = tmp_path / "run"
+    result = _cli(["run", "--run-dir", str(run), "--rounds", "1", "--epochs-per-round", "1",
+                   "--index", "service", "--index-timeout", "1"])
+    _one_line_error(result, "timed out after 1s waiting for neighbourhoods/round-1")
+    assert "waiting for neighbourhoods/round-1" in result.output          # it said what it waited for
+
+
+def test_service_mode_with_nbr_index_serve_matches_the_inline_run(tmp_path):
+    args = ["--rounds", "2", "--epochs-per-round", "1", "--seed", "4"]
+    store = tmp_path / "service" / "store"
+    serve = subprocess.Popen([sys.executable, "-m", "nbr_index", "serve", "--store", str(store),
+                              "--poll-seconds", "0.1", "--until-round", "2"], env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        service = subprocess.run(_trainer(*args, "--run-dir", str(tmp_path / "service"), "--index", "service",
+                                          "--index-timeout", "120"), env=ENV, capture_output=True, text=True,
+                                 timeout=300)
+        assert service.returncode == 0, service.stderr
+        assert serve.wait(timeout=60) == 0, serve.stderr.read().decode()
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+    inline = subprocess.run(_trainer(*args, "--run-dir", str(tmp_path / "inline")), env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert inline.returncode == 0, inline.stderr
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in ("service", "inline"))
+    assert torch.equal(a["memory"], b["memory"])
+    def without_seconds(rows):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+    assert without_seconds(a["rounds"]) == without_seconds(b["rounds"])

@@ -1,0 +1,238 @@
+"""``trainer``: train AND (or the Instance baseline) and evaluate the result.
+
+    trainer run                      # AND on digits with smallcnn, 5 training rounds, a few minutes on CPU
+    trainer run --dataset imagefolder --data-root /data/cifar10 --arch resnet18 --device cuda
+    trainer run --config run.yaml --rounds 2          # flags override the file
+    trainer run --run-dir runs/x --resume             # continue a killed run
+    trainer linear-probe --run-dir runs/x
+
+Bad input is reported as one line, ``error: ...`` on stderr, exit status 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+
+import click
+
+from storage.errors import UserError
+from trainer.config import (ARCHS, DATASETS, TrainConfig, config_from_dict,
+                            load_config_file, resolve, validate)
+from trainer.errors import TrainerError
+
+# Help for the flag of every TrainConfig field (every field is a flag; the file keys use the same names).
+FLAG_HELP = {
+    "dataset": f"{' | '.join(DATASETS)}",
+    "data_root": "torchvision root (cifar10/cifar100/svhn) or a folder with train/<class>/ and test/<class>/ (imagefolder)",
+    "download": "let torchvision download cifar10/cifar100/svhn (needs network)",
+    "image_size": "input side in px; default: native for small sets, 224 for large image folders",
+    "hflip": "random horizontal flip in the augmentation",
+    "workers": "DataLoader workers for large-image folders",
+    "arch": f"{' | '.join(ARCHS)}",
+    "dim": "feature dimension of the head and memory bank",
+    "precision": "fp32, or bf16 autocast for the network (GPU); the loss and memory bank stay fp32",
+    "method": "and: AND with the progressive curriculum; instance: Wu et al. baseline (no anchors); "
+              "and-oneoff: all samples anchors from round 1 (paper Table 6)",
+    "rounds": "curriculum rounds R after round 0 (R + 1 training rounds)",
+    "k": "neighbours per anchor",
+    "tau": "softmax temperature",
+    "eta": "memory-bank update rate (Eq 8)",
+    "epochs_per_round": "epochs per training round; default 200 (paper), 30 for digits, 2 for synthetic",
+    "batch_size": "global batch (split over ranks)",
+    "lr": "base learning rate, restarted every round",
+    "lr_milestones": "comma-separated fractions of a round where the lr is multiplied by lr_gamma",
+    "lr_gamma": "lr decay factor at each milestone",
+    "momentum": "SGD momentum",
+    "nesterov": "Nesterov momentum",
+    "weight_decay": "SGD weight decay",
+    "knn_k": "neighbours K of the weighted kNN evaluation",
+    "knn_sigma": "kNN vote weight exp(s / sigma)",
+    "eval_every": "also evaluate kNN every N epochs within a round (0: at round ends only)",
+    "eval_recompute": "evaluate kNN against recomputed train features instead of the memory bank",
+    "index": "inline: rebuild neighbourhoods in-process; service: wait for `nbr-index serve` to publish them",
+    "index_timeout": "seconds to wait for a published neighbourhood round (--index service)",
+    "index_backend": "nbr_index backend for inline rebuilds (auto, torch, faiss)",
+    "store": "store URL (local directory or fsspec URL); default <run-dir>/store",
+    "run_dir": "run directory (checkpoint, config.yaml, summary.json, plots); default runs/<method>-<dataset>-<arch>-<time>",
+    "seed": "random seed (model init, memory bank, data order, augmentation)",
+    "device": "cpu or cuda[:N]",
+    "deterministic": "torch.use_deterministic_algorithms",
+}
+
+
+class _Group(click.Group):
+    """Turns every UserError into ``error: <message>`` on stderr and exit status 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def main():
+    """Anchor Neighbourhood Discovery (Huang et al., ICML 2019): train and evaluate."""
+
+
+def _config_options(func):
+    """One option per TrainConfig field, defaulting to None (= not given: the config file's or
+    the default value applies)."""
+    defaults = TrainConfig()
+    for f in reversed(dataclasses.fields(TrainConfig)):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        shown = ",".join(str(v) for v in default) if isinstance(default, list) else default
+        help_text = FLAG_HELP.get(f.name, "") + ("" if default is None else f" [default: {shown}]")
+        kind = str(f.type)
+        if kind.startswith("bool"):
+            option = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=None, help=help_text)
+        elif kind.startswith("int"):
+            option = click.option(flag, f.name, type=int, default=None, help=help_text)
+        elif kind.startswith("float"):
+            option = click.option(flag, f.name, type=float, default=None, help=help_text)
+        else:
+            option = click.option(flag, f.name, type=str, default=None, help=help_text)
+        func = option(func)
+    return func
+
+
+def build_config(flags: dict, config_file: str | None, resume: bool) -> TrainConfig:
+    """Defaults (or, with ``resume``, the checkpoint's config) < config file < given flags; validated, resolved."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    base = None
+    if resume:
+        if "run_dir" not in given:
+            raise TrainerError("--resume needs the --run-dir of the run to continue")
+        from trainer.checkpoint import checkpoint_path, load_checkpoint
+
+        base = config_from_dict(load_checkpoint(checkpoint_path(given["run_dir"]))["config"])
+    file_values = load_config_file(config_file) if config_file else {}
+    cfg = config_from_dict({**file_values, **given}, base)
+    validate(cfg)
+    return resolve(cfg)
+
+
+@main.command()
+@click.option("--config", "config_file", type=str, default=None,
+              help="YAML or TOML file of config keys (the flag names with underscores); flags override it")
+@click.option("--resume", is_flag=True, help="continue the run in --run-dir from its last checkpoint")
+@click.option("--world-size", type=int, default=1, show_default=True,
+              help="local worker processes (torch elastic agent; gloo on CPU, nccl on CUDA); "
+                   "ignored under an outer torchrun, which sets the world itself")
+@click.option("--max-restarts", type=int, default=0, show_default=True,
+              help="restart all workers from the last checkpoint this many times when one dies")
+@click.option("--master-port", type=int, default=0, show_default=True,
+              help="rendezvous port on 127.0.0.1 (0: pick a free one)")
+@click.option("--check-replicas", is_flag=True,
+              help="debug: assert after every epoch that all ranks hold bit-identical memory banks and weights")
+@_config_options
+def run(config_file, resume, world_size, max_restarts, master_port, check_replicas, **flags):
+    """Train with the AND curriculum (or a baseline) and report kNN accuracy per round.
+
+    With no options: AND on scikit-learn digits with smallcnn, R = 4 curriculum rounds (5 training
+    rounds), the neighbourhood rebuild done in-process, in a few minutes on 2 CPU cores. Writes
+    checkpoint.pt (every epoch), config.yaml, summary.json and PNG plots to the run directory and
+    feature / neighbourhood rounds to the store.
+    """
+    from trainer import distributed
+
+    cfg = build_config(flags, config_file, resume)
+    if distributed.launched_by_torchrun():
+        # An outer torchrun (multi-node) made this process one rank: it already set the world.
+        distributed.train_worker(cfg.to_dict(), resume, check_replicas)
+        return
+    distributed.check_device_for_world(cfg.device, world_size)
+    if max_restarts < 0:
+        raise TrainerError(f"--max-restarts must be 0 or more, got {max_restarts}")
+    from trainer.loop import preflight
+
+    preflight(cfg, world_size, resume)
+    if world_size == 1 and max_restarts == 0:
+        from trainer.loop import train
+        from trainer.world import World
+
+        train(cfg, World.single(cfg.device), resume=resume, log=distributed.run_dir_log(cfg.run_dir),
+              check_replicas=check_replicas)
+        return
+    click.echo(f"launching {world_size} worker(s) (max restarts {max_restarts}); run dir {cfg.run_dir}")
+    distributed.launch_local(distributed.train_worker, (cfg.to_dict(), resume, check_replicas),
+                             world_size, max_restarts, master_port)
+
+
+@main.command("linear-probe")
+@click.option("--run-dir", required=True, help="run directory holding checkpoint.pt")
+@click.option("--epochs", type=int, default=100, show_default=True, help="training epochs of the linear layer")
+@click.option("--lr", type=float, default=0.1, show_default=True, help="peak lr (cosine schedule)")
+@click.option("--device", type=str, default=None, help="device (default: the run's)")
+def linear_probe(run_dir, epochs, lr, device):
+    """Train a linear classifier on the frozen backbone features of a run's checkpoint; also
+    report kNN top-1 against the memory bank and against recomputed train features. Writes
+    linear_probe.json into the run directory."""
+    import torch
+
+    from trainer.checkpoint import checkpoint_path, load_checkpoint
+    from trainer.data import load_dataset
+    from trainer.knn import embed, knn_predict
+    from trainer.linear_probe import train_linear_probe
+    from trainer.models import build_model
+
+    if epochs < 1:
+        raise TrainerError(f"--epochs must be at least 1, got {epochs}")
+    state = load_checkpoint(checkpoint_path(run_dir))
+    cfg = config_from_dict(state["config"])
+    dev = torch.device(device or cfg.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainerError("--device cuda asked for, but no CUDA GPU is visible: use --device cpu")
+    data = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.image_size, cfg.hflip, cfg.workers)
+    model = build_model(cfg.arch, data.image_size, cfg.dim)
+    model.load_state_dict(state["model"])
+    model.to(dev)
+    batch = max(256, cfg.batch_size)
+    train_f, train_y = embed(model, data.eval_batches("train", batch), dev, head=False)
+    test_f, test_y = embed(model, data.eval_batches("test", batch), dev, head=False)
+    result = train_linear_probe(train_f, train_y, test_f, test_y, data.num_classes, epochs=epochs, lr=lr, seed=cfg.seed)
+    bank = state["memory"].to(dev)
+    train_h, _ = embed(model, data.eval_batches("train", batch), dev)
+    test_h, _ = embed(model, data.eval_batches("test", batch), dev)
+    for name, feats in (("knn_top1_memory", bank), ("knn_top1_recomputed", train_h)):
+        pred = knn_predict(test_h, feats, train_y, data.num_classes, cfg.knn_k, cfg.knn_sigma)
+        result[name] = round(100.0 * float((pred == test_y).float().mean()), 2)
+    result.update({"round": state["round"], "epoch": state["epoch"], "features": f"backbone ({train_f.shape[1]}-d)"})
+    path = os.path.join(run_dir, "linear_probe.json")
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=2)
+    click.echo(f"linear probe top-1 {result['test_top1']:.2f}% (train {result['train_top1']:.2f}%), "
+               f"kNN memory {result['knn_top1_memory']:.2f}%, kNN recomputed {result['knn_top1_recomputed']:.2f}%")
+    click.echo(f"written: {path}")
+
+
+@main.command()
+@click.option("--arch", default="smallcnn", show_default=True, help="backbone")
+@click.option("--size", default=32, show_default=True, help="image side in px")
+@click.option("--batch-size", default=128, show_default=True)
+@click.option("--n", "n", default=50000, show_default=True, help="memory bank rows")
+@click.option("--steps", default=20, show_default=True, help="timed steps (after 3 warm-up steps)")
+@click.option("--device", default="cpu", show_default=True)
+def speed(arch, size, batch_size, n, steps, device):
+    """Measure training images/s: the model alone and the whole AND step (augmentation, model,
+    softmax over N memory rows, loss, memory update) on random images."""
+    import torch
+
+    from trainer.config import ARCHS
+    from trainer.speed import step_speed
+
+    if arch not in ARCHS:
+        raise TrainerError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainerError("--device cuda asked for, but no CUDA GPU is visible: use --device cpu")
+    for name, rate in step_speed(arch, size, batch_size, n, steps, device).items():
+        click.echo(f"{arch} {size}px batch {batch_size} N={n} threads {torch.get_num_threads()} {device}: "
+                   f"{name}: {rate:.0f} images/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,366 @@
+"""Datasets: images, labels and the sample index that addresses the memory bank.
+
+Two ways to hold a dataset, one interface (:class:`ImageDataset`):
+
+- in memory (digits, synthetic, CIFAR-10/100, SVHN, small-image folders such as the CIFAR-10
+  JPEG copy): uint8 tensors (N, 3, S, S). A training batch is indexed out, moved to the device
+  and augmented there by :mod:`trainer.augment` (batched tensor ops seeded from a
+  torch.Generator: reproducible, resumable, and on the GPU when the batch is).
+- streamed (large-image folders: ImageNet, CUB-200, Stanford Dogs): file paths; a DataLoader
+  decodes and augments with the equivalent torchvision transforms in worker processes.
+
+:meth:`ImageDataset.instance_dataset` gives the torch ``Dataset`` view that returns
+(image, label, index). Labels are never used for training: only for kNN evaluation and for the
+neighbourhood-consistency report.
+
+``digits`` is scikit-learn's UCI optical digits (1,797 8x8 grey images; no download): a fixed
+permutation (RandomState(0)) gives 1,500 train / 297 test. The images stay at their native 8x8
+(repeated to 3 channels) and the augmentation is sized to them (RandomResizedCrop(8, ...)).
+Why not upsample to 32x32: upsampling adds no information (a crop of the 32-px copy is a crop
+of the 8-px image, interpolated), while it costs 16x the pixels: smallcnn trains at about
+10,000 images/s at 8 px and 1,000 at 32 px on 2 CPU cores. The extra epochs matter: a memory
+bank row is refreshed once per epoch (12 steps at batch 128), and at the budget of a
+few-minute run the 32-px version stayed near the collapsed uniform solution (loss ~ log N,
+kNN ~ 20%) where the 8-px one reaches ~90% kNN. Every backbone accepts 8-px inputs (CIFAR
+stems; the AlexNet variant pools adaptively).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trainer.augment import AugmentSpec, augment, prepare_eval
+from trainer.errors import TrainerError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Image folders whose images are at most this many pixels a side are decoded into memory.
+IN_MEMORY_MAX_SIZE = 64
+LARGE_IMAGE_SIZE = 224
+# The authors' per-channel statistics for CIFAR; other in-memory sets use their own train
+# statistics, streamed folders ImageNet's.
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+CIFAR100_STATS = ((0.5071, 0.4866, 0.4409), (0.2009, 0.1984, 0.2023))
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+class DataError(TrainerError):
+    """A dataset that cannot be found or read as asked."""
+
+
+@dataclass
+class Split:
+    """One split: labels (N,) int64 and either images (N, 3, S, S) uint8 or image file paths."""
+    labels: torch.Tensor
+    images: torch.Tensor | None = None
+    files: list[str] | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class ImageDataset:
+    name: str
+    dataset_id: str          # identifies the training set in the store (name, N, source)
+    train: Split
+    test: Split
+    classes: list[str]
+    image_size: int          # side S of the images the model sees
+    mean: tuple
+    std: tuple
+    hflip: bool = True
+    workers: int = 4
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.train.images is not None
+
+    @property
+    def augment_spec(self) -> AugmentSpec:
+        return AugmentSpec(size=self.image_size, mean=self.mean, std=self.std, hflip=self.hflip)
+
+    def stage(self, device: torch.device) -> None:
+        """Move in-memory images (uint8) to ``device`` once, so that batches are indexed and
+        augmented there without a host-to-device copy per step (CIFAR-10: 150 MiB)."""
+        for split in (self.train, self.test):
+            if split.images is not None:
+                split.images = split.images.to(device)
+                split.labels = split.labels.to(device)
+
+    def split(self, name: str) -> Split:
+        return {"train": self.train, "test": self.test}[name]
+
+    def train_batches(self, batches: list[torch.Tensor], generator: torch.Generator,
+                      device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Augmented training batches: (images (b, 3, S, S) float32 on ``device``, indices (b,) int64
+        on ``device``) for each index tensor in ``batches``. Randomness comes from ``generator``."""
+        if self.in_memory:
+            spec = self.augment_spec
+            for idx in batches:
+                idx = idx.to(self.train.images.device)
+                images = self.train.images.index_select(0, idx).to(device, non_blocking=True)
+                yield augment(images, spec, generator), idx.to(device)
+            return
+        loader = torch.utils.data.DataLoader(
+            self.instance_dataset("train", train=True), batch_sampler=[b.tolist() for b in batches],
+            num_workers=self.workers, generator=generator, pin_memory=device.type == "cuda",
+            persistent_workers=False)
+        if self.workers == 0:
+            # torchvision transforms draw from torch's global RNG in the main process.
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        for images, _, idx in loader:
+            yield images.to(device, non_blocking=True), idx.to(device)
+
+    def eval_batches(self, split: str, batch_size: int, start: int = 0,
+                     stop: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Unaugmented (images (b, 3, S, S) float32 normalised, labels (b,)) of rows start..stop
+        of ``split`` in order (CPU tensors; the caller moves them)."""
+        data = self.split(split)
+        stop = len(data) if stop is None else stop
+        if self.in_memory:
+            spec = self.augment_spec
+            for s in range(start, stop, batch_size):
+                e = min(stop, s + batch_size)
+                yield prepare_eval(data.images[s:e], spec), data.labels[s:e]
+            return
+        subset = torch.utils.data.Subset(self.instance_dataset(split, train=False), range(start, stop))
+        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=self.workers)
+        for images, labels, _ in loader:
+            yield images, labels
+
+    def instance_dataset(self, split: str, train: bool) -> torch.utils.data.Dataset:
+        """torch Dataset of (image, label, index): uint8 (3, S, S) for in-memory sets (augment
+        batches with trainer.augment), a transformed float tensor for streamed folders."""
+        data = self.split(split)
+        if data.images is not None:
+            return _TensorInstances(data)
+        return _FileInstances(data, folder_transform(self.image_size, self.mean, self.std, train, self.hflip))
+
+
+class _TensorInstances(torch.utils.data.Dataset):
+    def __init__(self, split: Split):
+        self.split = split
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, index):
+        return self.split.images[index], int(self.split.labels[index]), index
+
+
+class _FileInstances(torch.utils.data.Dataset):
+    def __init__(self, split: Split, transform):
+        self.split, self.transform = split, transform
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, index):
+        from PIL import Image
+
+        with Image.open(self.split.files[index]) as img:
+            image = self.transform(img.convert("RGB"))
+        return image, int(self.split.labels[index]), index
+
+
+def folder_transform(size: int, mean, std, train: bool, hflip: bool = True):
+    """torchvision transforms for streamed images: the paper's augmentation for training,
+    resize (size * 256 / 224) + centre crop for evaluation."""
+    from torchvision import transforms as T
+
+    if train:
+        ops = [T.RandomResizedCrop(size, scale=(0.2, 1.0)), T.ColorJitter(0.4, 0.4, 0.4, 0.4), T.RandomGrayscale(0.2)]
+        if hflip:
+            ops.append(T.RandomHorizontalFlip())
+    else:
+        ops = [T.Resize(round(size * 256 / 224)), T.CenterCrop(size)]
+    return T.Compose([*ops, T.ToTensor(), T.Normalize(mean, std)])
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple, tuple]:
+    """Per-channel mean and std of uint8 images (N, 3, H, W) scaled to [0, 1]."""
+    x = images.float().div_(255.0).transpose(0, 1).reshape(3, -1)
+    return tuple(round(v, 4) for v in x.mean(1).tolist()), tuple(round(v, 4) for v in x.std(1).tolist())
+
+
+def _grey_to_uint8_rgb(gray: np.ndarray, vmax: float) -> torch.Tensor:
+    """(N, h, w) grey in [0, vmax] -> (N, 3, h, w) uint8."""
+    x = torch.from_numpy(gray.astype(np.float32) / vmax).clamp_(0, 1)
+    return (x * 255).round_().to(torch.uint8).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+
+
+def load_digits() -> tuple[Split, Split, list[str]]:
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    order = np.random.RandomState(0).permutation(len(bunch.target))
+    images = _grey_to_uint8_rgb(bunch.images[order], 16.0)
+    labels = torch.from_numpy(bunch.target[order].astype(np.int64))
+    return (Split(labels[:1500], images[:1500]), Split(labels[1500:], images[1500:]),
+            [str(c) for c in range(10)])
+
+
+def load_synthetic(n_train: int = 400, n_test: int = 100, classes: int = 10) -> tuple[Split, Split, list[str]]:
+    """A deterministic, learnable toy set for tests: each class is a smooth random colour
+    pattern (4x4 upsampled to 32x32); a sample is its class pattern, shifted by up to 4 pixels,
+    with a random brightness and Gaussian noise. Fixed seed: identical everywhere."""
+    g = torch.Generator().manual_seed(20190609)
+    protos = F.interpolate(torch.rand(classes, 3, 4, 4, generator=g), size=(40, 40), mode="bilinear",
+                           align_corners=False)
+
+    def make(n):
+        labels = torch.arange(n) % classes
+        shift = torch.randint(0, 9, (n, 2), generator=g)
+        crops = torch.stack([protos[c, :, y:y + 32, x:x + 32] for c, (y, x) in zip(labels.tolist(), shift.tolist())])
+        bright = 0.7 + 0.6 * torch.rand(n, 1, 1, 1, generator=g)
+        noisy = crops * bright + 0.08 * torch.randn(crops.shape, generator=g)
+        return Split(labels, (noisy.clamp(0, 1) * 255).round().to(torch.uint8))
+
+    return make(n_train), make(n_test), [f"class{c}" for c in range(classes)]
+
+
+def _torchvision_set(cls, name: str, root: str, download: bool, **kwargs):
+    try:
+        return cls(root=root, download=download, **kwargs)
+    except RuntimeError as err:
+        if download:
+            raise DataError(f"{name} under {root} is not readable after download: {str(err).splitlines()[0]}") from None
+        raise DataError(f"{name} not found under {root}: pass --download (needs network) or use "
+                        f"--dataset imagefolder with a train/ test/ folder copy") from None
+    except OSError as err:  # network failures while downloading
+        raise DataError(f"downloading {name} to {root} failed ({type(err).__name__}: {err}); "
+                        f"download it elsewhere and point --data-root at it") from None
+
+
+def load_cifar(root: str, which: int, download: bool) -> tuple[Split, Split, list[str]]:
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if which == 10 else datasets.CIFAR100
+    parts = [_torchvision_set(cls, f"CIFAR-{which}", root, download, train=t) for t in (True, False)]
+    splits = [Split(torch.tensor(p.targets, dtype=torch.int64),
+                    torch.from_numpy(p.data).permute(0, 3, 1, 2).contiguous()) for p in parts]
+    return splits[0], splits[1], list(parts[0].classes)
+
+
+def load_svhn(root: str, download: bool) -> tuple[Split, Split, list[str]]:
+    from torchvision import datasets
+
+    parts = [_torchvision_set(datasets.SVHN, "SVHN", root, download, split=s) for s in ("train", "test")]
+    splits = [Split(torch.from_numpy(p.labels.astype(np.int64)), torch.from_numpy(p.data).contiguous()) for p in parts]
+    return splits[0], splits[1], [str(c) for c in range(10)]
+
+
+def scan_image_folder(root: str) -> tuple[list[str], dict[str, tuple[list[str], list[int]]]]:
+    """Validate DIR/train/<class>/ and DIR/test/<class>/ and list them: (classes, {split: (files, labels)}).
+
+    Classes are the sorted sub-folders of train/ (label order); test/ must hold the same classes.
+    """
+    if not os.path.isdir(root):
+        raise DataError(f"--data-root {root} is not a directory")
+    for split in ("train", "test"):
+        if not os.path.isdir(os.path.join(root, split)):
+            raise DataError(f"--data-root {root} has no {split}/ folder: imagefolder needs {root}/train/<class>/ "
+                            f"and {root}/test/<class>/")
+    found: dict[str, tuple[list[str], list[int]]] = {}
+    classes: list[str] = []
+    for split in ("train", "test"):
+        split_dir = os.path.join(root, split)
+        names = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+        if not names:
+            raise DataError(f"{split_dir} has no class folders: put each class's images in {split_dir}/<class>/")
+        if split == "train":
+            classes = names
+        elif names != classes:
+            extra = sorted(set(names) ^ set(classes))
+            raise DataError(f"train/ and test/ in {root} hold different classes (e.g. {extra[0]!r})")
+        files, labels = [], []
+        for label, name in enumerate(classes):
+            class_dir = os.path.join(split_dir, name)
+            images = sorted(e.path for e in os.scandir(class_dir)
+                            if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+            if not images:
+                raise DataError(f"class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
+            files.extend(images)
+            labels.extend([label] * len(images))
+        found[split] = (files, labels)
+    return classes, found
+
+
+def _decode_square(path: str, size: int) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        return np.asarray(img, dtype=np.uint8)
+
+
+def load_image_folder(root: str, image_size: int | None) -> tuple[Split, Split, list[str], int]:
+    """Image folder: decoded into memory when its images are small (side <= 64, or --image-size
+    <= 64: each image resized to image_size x image_size), streamed from disk otherwise."""
+    from PIL import Image
+
+    classes, found = scan_image_folder(root)
+    if image_size is None:
+        with Image.open(found["train"][0][0]) as first:
+            side = max(first.size)
+        image_size = side if side <= IN_MEMORY_MAX_SIZE else LARGE_IMAGE_SIZE
+    splits = []
+    for split in ("train", "test"):
+        files, labels = found[split]
+        label_tensor = torch.tensor(labels, dtype=torch.int64)
+        if image_size <= IN_MEMORY_MAX_SIZE:
+            try:
+                arrays = np.stack([_decode_square(f, image_size) for f in files])
+            except OSError as err:
+                raise DataError(f"cannot decode an image in {root}/{split}: {err}") from None
+            splits.append(Split(label_tensor, torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()))
+        else:
+            splits.append(Split(label_tensor, files=files))
+    return splits[0], splits[1], classes, image_size
+
+
+def load_dataset(name: str, data_root: str | None = None, download: bool = False, image_size: int | None = None,
+                 hflip: bool = True, workers: int = 4) -> ImageDataset:
+    """Load a dataset by name (see module docstring). Raises DataError (one line) when it cannot."""
+    stats = None
+    if name == "digits":
+        train, test, classes = load_digits()
+        size, source = 8, "sklearn"
+    elif name == "synthetic":
+        train, test, classes = load_synthetic()
+        size, source = 32, "builtin"
+    elif name in ("cifar10", "cifar100"):
+        which = 10 if name == "cifar10" else 100
+        train, test, classes = load_cifar(data_root, which, download)
+        size, source = 32, "torchvision"
+        stats = CIFAR10_STATS if which == 10 else CIFAR100_STATS
+    elif name == "svhn":
+        train, test, classes = load_svhn(data_root, download)
+        size, source = 32, "torchvision"
+    elif name == "imagefolder":
+        train, test, classes, size = load_image_folder(data_root, image_size)
+        source = os.path.abspath(data_root)
+    else:
+        raise DataError(f"unknown dataset {name!r}")
+    if image_size is not None and name != "imagefolder" and image_size != size:
+        raise DataError(f"--dataset {name} has {size}x{size} images; image_size {image_size} is only "
+                        f"supported for imagefolder")
+    if stats is None:
+        stats = channel_stats(train.images) if train.images is not None else IMAGENET_STATS
+    dataset_id = f"{name}:{source}:n={len(train)}:size={size}"
+    return ImageDataset(name=name, dataset_id=dataset_id, train=train, test=test, classes=classes,
+                        image_size=size, mean=stats[0], std=stats[1], hflip=hflip, workers=workers)

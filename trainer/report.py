@@ -1,0 +1,93 @@
+"""What a run reports: the per-round table, ``summary.json`` and the plots.
+
+summary.json:
+    config          the full resolved TrainConfig
+    rounds          [{round, knn_top1, anchors, consistency, seconds}]; knn_top1 and consistency in
+                    percent, consistency null where a round has no anchors
+    final_knn_top1  kNN top-1 (percent) after the last round
+    plus dataset facts (n_train, n_test, num_classes), mean training images/s and wall seconds.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+
+def round_table(rows: list[dict]) -> str:
+    """The per-round table as text."""
+    lines = [f"{'round':>5}  {'kNN top-1':>9}  {'anchors':>8}  {'consistency':>11}  {'seconds':>8}"]
+    for row in rows:
+        cons = "-" if row.get("consistency") is None else f"{row['consistency']:.1f}%"
+        lines.append(f"{row['round']:>5}  {row['knn_top1']:>8.2f}%  {row['anchors']:>8d}  {cons:>11}  "
+                     f"{row['seconds']:>8.1f}")
+    return "\n".join(lines)
+
+
+def write_summary(run_dir: str, config: dict, rows: list[dict], extra: dict | None = None) -> str:
+    """Write ``<run_dir>/summary.json``; returns its path."""
+    summary = {
+        "config": config,
+        "rounds": rows,
+        "final_knn_top1": rows[-1]["knn_top1"] if rows else None,
+        **(extra or {}),
+    }
+    path = os.path.join(run_dir, "summary.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(summary, fh, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+def save_plots(run_dir: str, rows: list[dict], entropies: dict[int, np.ndarray]) -> list[str]:
+    """PNG plots (matplotlib Agg): kNN top-1 per round, anchor consistency per round, and the
+    entropy distribution of each neighbourhood round (the quantity anchors are selected by)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    rounds = [r["round"] for r in rows]
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(rounds, [r["knn_top1"] for r in rows], marker="o")
+    ax.set(xlabel="training round", ylabel="kNN top-1 (%)", title="kNN accuracy per round")
+    ax.set_xticks(rounds)
+    ax.grid(alpha=0.3)
+    paths.append(_save(fig, run_dir, "knn_per_round.png"))
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    cons = [(r["round"], r["consistency"]) for r in rows if r.get("consistency") is not None]
+    if cons:
+        ax.plot([c[0] for c in cons], [c[1] for c in cons], marker="o", color="tab:green")
+        ax.set_xticks([c[0] for c in cons])
+    else:
+        ax.text(0.5, 0.5, "no anchors in this run", ha="center", va="center", transform=ax.transAxes)
+    ax.set(xlabel="training round", ylabel="anchor neighbourhood consistency (%)",
+           title="Neighbourhood class consistency")
+    ax.grid(alpha=0.3)
+    paths.append(_save(fig, run_dir, "consistency_per_round.png"))
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    if entropies:
+        for r in sorted(entropies):
+            ax.hist(entropies[r], bins=50, histtype="step", label=f"round {r}")
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no neighbourhood rounds in this run", ha="center", va="center", transform=ax.transAxes)
+    ax.set(xlabel="entropy H_i of p_i (nats)", ylabel="samples", title="Entropy distribution per round")
+    paths.append(_save(fig, run_dir, "entropy_per_round.png"))
+    return paths
+
+
+def _save(fig, run_dir: str, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(run_dir, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
