@@ -9,7 +9,7 @@ Speed (``nbr-index bench``), on the same random unit vectors, in one process:
 with peak memory per stage and a check of (c) against (b). Timings on a shared machine are noisy:
 compare the ratios of one run, and use --repeat (the minimum of each stage is reported).
 
-Memory (``nbr-index bench --mode memory`` / ``bench/knn_entropy_memory.py``): writes N random unit
+Memory (``nbr-index bench --mode memory``): writes N random unit
 vectors to a store in a child process, then runs a chunked ``knn_entropy`` on the store's reader
 in a fresh child and reports its peak RSS above its RSS before the pass.
 """

@@ -11,7 +11,8 @@ import sys
 
 import click
 
-from storage import Store, UserError, format_description
+from storage import Store, format_description
+from storage.errors import UserErrorGroup
 
 from .backends import BACKENDS
 from .curriculum import MODES
@@ -21,18 +22,7 @@ from .progress import StderrProgress
 GIB = 1 << 30
 
 
-class _UserErrorsExit2(click.Group):
-    """Turns a UserError raised by any command into 'error: ...' on stderr and exit status 2."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except UserError as error:
-            click.echo(f"error: {error}", err=True)
-            sys.exit(2)
-
-
-@click.group(cls=_UserErrorsExit2, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=UserErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Anchor Neighbourhood Discovery: k-NN + entropy of the memory bank, curriculum anchors.
 

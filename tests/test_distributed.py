@@ -179,3 +179,14 @@ def test_a_store_of_another_dataset_is_refused_before_launch(tmp_path):
                                        "--store", store.url])
     _one_line_error(result, "was created for n=640, this run has n=1500")
     assert sorted(p.name for p in (tmp_path / "store").rglob("*")) == before
+
+
+def test_the_sync_packing_round_trips_indices_and_features_bit_for_bit():
+    from trainer.world import pack_indexed, unpack_indexed
+
+    indices = torch.arange(40, dtype=torch.int64)[1::2] * 123_456_789    # strided, beyond 2**31
+    features = torch.randn(20, 7, dtype=torch.float32)
+    features[3, 2] = float("-0.0")
+    got_indices, got_features = unpack_indexed(pack_indexed(indices, features))
+    assert torch.equal(got_indices, indices)
+    assert torch.equal(got_features.view(torch.int32), features.view(torch.int32))

@@ -13,11 +13,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 
 import click
 
-from storage.errors import UserError
+from storage.errors import UserErrorGroup
 from trainer.config import (ARCHS, DATASETS, TrainConfig, config_from_dict,
                             load_config_file, resolve, validate)
 from trainer.errors import TrainerError
@@ -62,18 +61,7 @@ FLAG_HELP = {
 }
 
 
-class _Group(click.Group):
-    """Turns every UserError into ``error: <message>`` on stderr and exit status 2."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except UserError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(2)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=UserErrorGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def main():
     """Anchor Neighbourhood Discovery (Huang et al., ICML 2019): train and evaluate."""
 

@@ -94,11 +94,30 @@ def join_world(device: str, timeout_s: float = 600.0) -> World:
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend_for(torch_device),
+            store=_attempt_store(rank, world_size, timedelta(seconds=timeout_s)),
             rank=rank,
             world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
         )
     return World(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
+
+
+def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
+    """The rendezvous key-value store, under a prefix of its own for each restart attempt.
+
+    The elastic agent keeps one TCPStore across restarts (TORCHELASTIC_USE_AGENT_STORE); without
+    a per-attempt prefix the restarted ranks read the dead attempt's gloo addresses from it and
+    fail with 'connection refused'. Where the agent does not host the store, rank 0 does.
+    """
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        host_name=os.environ["MASTER_ADDR"],
+        port=int(os.environ["MASTER_PORT"]),
+        world_size=world_size,
+        is_master=not agent_hosts and rank == 0,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"and-trainer/attempt-{restart_count()}", store)
 
 
 def leave_world(world: World) -> None:

@@ -80,6 +80,8 @@ def train(cfg: TrainConfig, world: World, resume: bool = False,
         data.stage(device)  # in-memory sets live on the GPU: indexing and augmentation happen there
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, data.image_size, cfg.dim).to(device)
+    if device.type == "cuda":   # NHWC convolutions use the tensor cores without layout transposes
+        model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
     memory = init_memory(n, cfg.dim, generator(cfg.seed, "memory"), device)
     start_round, start_epoch, rows, history, round_seconds = 0, 0, [], [], 0.0
@@ -198,6 +200,8 @@ def train_one_epoch(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer
     seen = 0
     start = last_note = time.perf_counter()
     for step, (images, indices) in enumerate(data.train_batches(batches, aug_gen, device)):
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             features = ddp_model(images)
         features = features.float()                                          # (b, d), unit rows
@@ -208,7 +212,7 @@ def train_one_epoch(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer
         # Memory update after the step and outside autograd, with every rank's batch, in rank
         # order: all replicas of the bank apply the identical update.
         with torch.no_grad():
-            ema_update_(memory, world.all_gather_cat(indices), world.all_gather_cat(features.detach()), cfg.eta)
+            ema_update_(memory, *world.all_gather_indexed(indices, features.detach()), cfg.eta)
         loss_sum += loss.detach() * indices.numel()
         seen += indices.numel()
         if time.perf_counter() - last_note > PROGRESS_EVERY_S:

@@ -43,6 +43,17 @@ class World:
         dist.all_gather(parts, tensor.contiguous())
         return torch.cat(parts, dim=0)
 
+    def all_gather_indexed(self, indices: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All-gather (indices (B,) int64, features (B, d) float32) of every rank in ONE collective.
+
+        The per-step memory-bank sync is latency-bound (small messages), so the two tensors
+        travel as one block (``pack_indexed``). Returns (W*B,) int64 and (W*B, d) float32, in
+        rank order.
+        """
+        if not self.distributed:
+            return indices, features
+        return unpack_indexed(self.all_gather_cat(pack_indexed(indices, features)))
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over ranks in place and return it."""
         if self.distributed:
@@ -100,3 +111,17 @@ class World:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+
+def pack_indexed(indices: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 and (B, d) float32 -> (B, 2 + d) int32 holding the bits of both (exact, no casting)."""
+    index_bits = indices.to(torch.int64).contiguous().view(torch.int32).reshape(-1, 2)
+    feature_bits = features.to(torch.float32).contiguous().view(torch.int32)
+    return torch.cat([index_bits, feature_bits], dim=1)
+
+
+def unpack_indexed(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_indexed`: (B, 2 + d) int32 -> (B,) int64, (B, d) float32."""
+    indices = packed[:, :2].contiguous().view(torch.int64).reshape(-1)
+    features = packed[:, 2:].contiguous().view(torch.float32)
+    return indices, features
