@@ -190,3 +190,15 @@ def test_the_sync_packing_round_trips_indices_and_features_bit_for_bit():
     got_indices, got_features = unpack_indexed(pack_indexed(indices, features))
     assert torch.equal(got_indices, indices)
     assert torch.equal(got_features.view(torch.int32), features.view(torch.int32))
+
+
+@pytest.mark.slow
+def test_under_an_outer_torchrun_each_process_runs_as_one_rank(tmp_path):
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "trainer.cli", "run", *SHORT, "--check-replicas", "--run-dir", str(run)],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "launching" not in done.stdout           # no second launcher inside torchrun's workers
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and Store.open(str(run / "store")).complete_feature_rounds() == [0, 1]

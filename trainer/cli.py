@@ -128,11 +128,15 @@ def run(config_file, resume, world_size, max_restarts, master_port, check_replic
     """
     from trainer import distributed
 
-    cfg = build_config(flags, config_file, resume)
     if distributed.launched_by_torchrun():
         # An outer torchrun (multi-node) made this process one rank: it already set the world.
+        # Every rank resolves its own config, so the run dir cannot default to a timestamp.
+        if flags.get("run_dir") is None and not resume:
+            raise TrainerError("under torchrun every rank needs the same --run-dir: pass one")
+        cfg = build_config(flags, config_file, resume)
         distributed.train_worker(cfg.to_dict(), resume, check_replicas)
         return
+    cfg = build_config(flags, config_file, resume)
     distributed.check_device_for_world(cfg.device, world_size)
     if max_restarts < 0:
         raise TrainerError(f"--max-restarts must be 0 or more, got {max_restarts}")
