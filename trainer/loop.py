@@ -235,9 +235,10 @@ def curriculum_for_round(r: int, cfg: TrainConfig, store, world: World, say: Cal
             from nbr_index import rebuild
 
             start = time.perf_counter()
-            rebuild(store, r, rounds=cfg.rounds, k=cfg.k, tau=cfg.tau, mode=cfg.anchor_mode,
-                    backend=cfg.index_backend, device=str(world.device))
-            say(f"neighbourhoods/round-{r} rebuilt inline in {time.perf_counter() - start:.1f}s")
+            result = rebuild(store, r, rounds=cfg.rounds, k=cfg.k, tau=cfg.tau, mode=cfg.anchor_mode,
+                             backend=cfg.index_backend, device=str(world.device))
+            say(f"neighbourhoods/round-{r} rebuilt inline in {time.perf_counter() - start:.1f}s" if result.published
+                else f"neighbourhoods/round-{r} already published (resumed run): using it")
         world.barrier()
     else:
         wait_for_neighbourhoods(store, r, cfg.index_timeout, say)
