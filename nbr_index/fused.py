@@ -365,9 +365,7 @@ def _tile_statistics_kernel(tile_kernel: str, device: torch.device):
     try:
         from .triton_tile import tile_statistics
     except ImportError as error:
-        if tile_kernel == "triton":
-            raise BackendUnavailableError(f"tile kernel triton needs the triton package ({error})") from None
-        return None
+        raise BackendUnavailableError(f"tile kernel triton needs the triton package ({error})") from None
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise InvalidParameterError("tile kernel triton runs on CUDA (or under TRITON_INTERPRET=1 for tests)")
     return tile_statistics

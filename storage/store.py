@@ -90,12 +90,8 @@ class Store:
                 return cls._ready(location, wanted)
 
         store = cls._open_location(location)
+        store.check_matches(wanted.n, wanted.dim, wanted.dataset_id)
         have = store.info
-        for name in ("n", "dim", "dataset_id"):
-            if getattr(have, name) != getattr(wanted, name):
-                raise StoreError(f"store {url} was created for {name}={getattr(have, name)!r}, "
-                                 f"this run has {name}={getattr(wanted, name)!r}: "
-                                 f"use another --store or the same dataset")
         if curriculum is not None and curriculum != have.curriculum:
             if have.curriculum is not None and _nbr.published_rounds(location):
                 raise StoreError(f"store {url} was created for curriculum {have.curriculum}, "
@@ -107,6 +103,15 @@ class Store:
                 root.attrs.update({"curriculum": curriculum})
             store.info = replace(have, curriculum=curriculum)
         return cls._ready(location, store.info)
+
+    def check_matches(self, n: int, dim: int, dataset_id: str) -> None:
+        """StoreError naming both values if this store was created for another n, dim or dataset."""
+        wanted = {"n": n, "dim": dim, "dataset_id": dataset_id}
+        for name, value in wanted.items():
+            have = getattr(self.info, name)
+            if have != value:
+                raise StoreError(f"store {self.url} was created for {name}={have!r}, "
+                                 f"this run has {name}={value!r}: use another --store or the same dataset")
 
     @classmethod
     def _ready(cls, location: Location, info: StoreInfo) -> "Store":

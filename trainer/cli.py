@@ -20,6 +20,7 @@ from storage.errors import UserErrorGroup
 from trainer.config import (ARCHS, DATASETS, TrainConfig, config_from_dict,
                             load_config_file, resolve, validate)
 from trainer.errors import TrainerError
+from trainer.world import check_device
 
 # Help for the flag of every TrainConfig field (every field is a flag; the file keys use the same names).
 FLAG_HELP = {
@@ -177,8 +178,7 @@ def linear_probe(run_dir, epochs, lr, device):
     state = load_checkpoint(checkpoint_path(run_dir))
     cfg = config_from_dict(state["config"])
     dev = torch.device(device or cfg.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainerError("--device cuda asked for, but no CUDA GPU is visible: use --device cpu")
+    check_device(dev)
     data = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.image_size, cfg.hflip, cfg.workers)
     model = build_model(cfg.arch, data.image_size, cfg.dim)
     model.load_state_dict(state["model"])
@@ -219,8 +219,7 @@ def speed(arch, size, batch_size, n, steps, device):
 
     if arch not in ARCHS:
         raise TrainerError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainerError("--device cuda asked for, but no CUDA GPU is visible: use --device cpu")
+    check_device(device)
     for name, rate in step_speed(arch, size, batch_size, n, steps, device).items():
         click.echo(f"{arch} {size}px batch {batch_size} N={n} threads {torch.get_num_threads()} {device}: "
                    f"{name}: {rate:.0f} images/s")

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from storage.errors import UserError
-from trainer.world import World
+from trainer.world import World, check_device
 
 _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -48,9 +48,8 @@ def check_device_for_world(device: str, world_size: int) -> None:
     """One-line errors for device requests this machine cannot satisfy."""
     if world_size < 1:
         raise LaunchError(f"--world-size must be at least 1, got {world_size}")
+    check_device(device)
     if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise LaunchError("--device cuda asked for, but no CUDA GPU is visible: use --device cpu")
         if world_size > torch.cuda.device_count():
             raise LaunchError(
                 f"--world-size {world_size} with nccl needs {world_size} GPUs, "

@@ -87,6 +87,7 @@ def train(cfg: TrainConfig, world: World, resume: bool = False,
     start_round, start_epoch, rows, history, round_seconds = 0, 0, [], [], 0.0
 
     ckpt = checkpoint_path(cfg.run_dir)
+    check_run_dir(cfg, resume)
     if resume:
         state = load_checkpoint(ckpt)
         model.load_state_dict(state["model"])
@@ -96,8 +97,6 @@ def train(cfg: TrainConfig, world: World, resume: bool = False,
         start_round, start_epoch = state["round"], state["epoch"]
         rows, history, round_seconds = state["rounds"], state["history"], state["round_seconds"]
         say(f"resuming {cfg.run_dir} at round {start_round} epoch {start_epoch}")
-    elif os.path.exists(ckpt):
-        raise TrainerError(f"{cfg.run_dir} already holds a run: pass --resume to continue it, or another --run-dir")
 
     store = open_store(cfg, data, world, fresh=not resume)
     if world.is_main:
@@ -167,11 +166,7 @@ def preflight(cfg: TrainConfig, world_size: int, resume: bool) -> None:
     from storage import Store, StoreError
 
     validate(cfg)
-    has_checkpoint = os.path.exists(checkpoint_path(cfg.run_dir))
-    if resume and not has_checkpoint:
-        raise TrainerError(f"nothing to resume: {checkpoint_path(cfg.run_dir)} does not exist")
-    if not resume and has_checkpoint:
-        raise TrainerError(f"{cfg.run_dir} already holds a run: pass --resume to continue it, or another --run-dir")
+    check_run_dir(cfg, resume)
     data = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.image_size, cfg.hflip, cfg.workers)
     if world_size > len(data.train):
         raise TrainerError(f"--world-size {world_size} is larger than the training set (N = {len(data.train)})")
@@ -180,12 +175,16 @@ def preflight(cfg: TrainConfig, world_size: int, resume: bool) -> None:
         store = Store.open(cfg.store)
     except StoreError:
         return                                   # no store yet: rank 0 creates it
-    info = store.info
-    for name, have, want in (("n", info.n, len(data.train)), ("dim", info.dim, cfg.dim),
-                             ("dataset_id", info.dataset_id, data.dataset_id)):
-        if have != want:
-            raise TrainerError(f"store {cfg.store} was created for {name}={have}, this run has {name}={want}: "
-                               f"use another --store")
+    store.check_matches(len(data.train), cfg.dim, data.dataset_id)
+
+
+def check_run_dir(cfg: TrainConfig, resume: bool) -> None:
+    """A fresh run needs a run dir without a checkpoint; --resume needs one with it."""
+    has_checkpoint = os.path.exists(checkpoint_path(cfg.run_dir))
+    if resume and not has_checkpoint:
+        raise TrainerError(f"nothing to resume: {checkpoint_path(cfg.run_dir)} does not exist")
+    if not resume and has_checkpoint:
+        raise TrainerError(f"{cfg.run_dir} already holds a run: pass --resume to continue it, or another --run-dir")
 
 
 def train_one_epoch(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer, memory: torch.Tensor,
