@@ -8,6 +8,10 @@ the whole N-row bank) and then the synchronisation the loop adds: all-gather (in
 of every rank and the EMA update of the bank. Both parts are timed per step on every rank (after
 a barrier, so waiting for a slower rank is not counted as either) and the script prints
 sync / (step + sync), measured in one run. Target at W = 2 on CPU: under 10%.
+
+The step's batch norm runs over the global batch, as in the loop (``trainer.global_bn`` on CPU,
+four small all-reduces per layer). Its cost is printed too: the same step with per-rank batch
+norm is timed in the same run, alternating step by step.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import click
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,32 +44,46 @@ def _rank(rank: int, world_size: int, port: int, arch: str, size: int, batch: in
     world = World(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu"))
     torch.manual_seed(0)
     model = build_model(arch, size)
+    local_bn_model = build_model(arch, size)
     optimizer = make_optimizer(model.parameters(), 0.03)
-    ddp = world.wrap_model(model)
+    local_bn_optimizer = make_optimizer(local_bn_model.parameters(), 0.03)
+    ddp = world.wrap_model(model)                                    # batch norm over the global batch
+    local_bn_ddp = DistributedDataParallel(local_bn_model, forward_sync_buffers=False)   # per-rank batch norm
     memory = init_memory(n, 128, torch.Generator().manual_seed(0))
     spec = AugmentSpec(size, (0.5,) * 3, (0.25,) * 3)
     images = (torch.rand(batch // world_size, 3, size, size) * 255).to(torch.uint8)
     anchor = torch.ones(n, dtype=torch.bool)
     neighbours = torch.randint(0, n, (n, 1), generator=torch.Generator().manual_seed(2))
-    gen = torch.Generator().manual_seed(10 + rank)
-    step_s, sync_s = [], []
+    aug_gen = torch.Generator().manual_seed(10)                      # shared: each rank takes its rows
+    idx_gen = torch.Generator().manual_seed(20 + rank)
+
+    def train_step(net, opt, idx):
+        feats = net(augment(images, spec, aug_gen, rank, world_size))
+        loss = and_loss(feats, memory, idx, anchor, neighbours, 0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return feats
+
+    step_s, sync_s, local_bn_s = [], [], []
     for step in range(steps + 3):                      # 3 warm-up steps
-        idx = torch.randint(0, n, (batch // world_size,), generator=gen)
+        idx = torch.randint(0, n, (batch // world_size,), generator=idx_gen)
         world.barrier()
         start = time.perf_counter()
-        feats = ddp(augment(images, spec, gen))
-        loss = and_loss(feats, memory, idx, anchor, neighbours, 0.1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        feats = train_step(ddp, optimizer, idx)
         middle = time.perf_counter()
         with torch.no_grad():
             ema_update_(memory, *world.all_gather_indexed(idx, feats.detach()), 0.5)
         end = time.perf_counter()
+        world.barrier()
+        local_start = time.perf_counter()
+        train_step(local_bn_ddp, local_bn_optimizer, idx)
+        local_end = time.perf_counter()
         if step >= 3:
             step_s.append(middle - start)
             sync_s.append(end - middle)
-    out.put((rank, statistics.median(step_s), statistics.median(sync_s)))
+            local_bn_s.append(local_end - local_start)
+    out.put((rank, statistics.median(step_s), statistics.median(sync_s), statistics.median(local_bn_s)))
     dist.destroy_process_group()
 
 
@@ -88,9 +107,12 @@ def main(world_size, arch, size, batch, n, steps, threads):
         p.join()
     step = max(r[1] for r in results)
     sync = max(r[2] for r in results)
+    local_bn = max(r[3] for r in results)
     print(f"W={world_size} {arch} {size}px global batch {batch} N={n}: median per step "
           f"{step * 1e3:.2f} ms train step, {sync * 1e3:.2f} ms all-gather + bank update "
           f"-> sync is {100 * sync / (step + sync):.1f}% of the step (target < 10%)")
+    print(f"batch norm over the global batch: train step {step * 1e3:.2f} ms vs {local_bn * 1e3:.2f} ms with "
+          f"per-rank batch norm -> {100 * (step - local_bn) / step:+.1f}% of the step")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from PIL import Image
 
 from trainer import augment as A
 from trainer.data import DataError, load_dataset
-from trainer.sharding import epoch_batches, epoch_permutation, shard_indices, split_batches
+from trainer.sharding import epoch_batches, epoch_permutation, global_batch_bounds, shard_indices
 
 
 # ---------------------------------------------------------------- datasets
@@ -161,6 +161,21 @@ def test_augment_is_reproducible_from_its_generator():
     assert torch.equal(g.get_state(), h.get_state())
 
 
+def test_a_rank_augments_its_share_of_a_global_batch_as_one_process_does():
+    spec = A.AugmentSpec(size=8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    x = (_images(12, 8) * 255).to(torch.uint8)
+    whole = A.augment(x, spec, torch.Generator().manual_seed(3))
+    for world_size in (2, 3, 4):
+        for rank in range(world_size):
+            gen = torch.Generator().manual_seed(3)
+            share = A.augment(x[rank::world_size], spec, gen, rank=rank, world_size=world_size)
+            assert torch.equal(share, whole[rank::world_size])
+            # and the generator moves on exactly as the one-process run's does
+            ref = torch.Generator().manual_seed(3)
+            A.augment(x, spec, ref)
+            assert torch.equal(gen.get_state(), ref.get_state())
+
+
 def test_prepare_eval_only_normalises_at_native_size():
     spec = A.AugmentSpec(size=8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     x = torch.full((1, 3, 8, 8), 255, dtype=torch.uint8)
@@ -188,11 +203,25 @@ def test_ranks_split_the_padded_permutation_like_distributed_sampler():
     assert sorted(torch.cat(shards).tolist()) == sorted(padded.tolist())
 
 
-def test_batches_are_even_and_cover_the_shard():
-    shard = torch.arange(1500)
-    batches = split_batches(shard, 128)
-    assert len(batches) == 12 and {len(b) for b in batches} == {125}
-    assert torch.equal(torch.cat(batches), shard)
-    assert [len(b) for b in split_batches(torch.arange(10), 4)] == [3, 3, 4]
-    per_rank = [epoch_batches(1500, 0, 0, 0, r, 2, 128) for r in range(2)]
-    assert [len(b) for b in per_rank[0]] == [len(b) for b in per_rank[1]] == [62, 63] * 6   # 750 per rank
+def test_global_batches_are_full_and_a_small_remainder_joins_the_last():
+    assert global_batch_bounds(1500, 128) == [i * 128 for i in range(12)] + [1500]     # 92 >= 64: own batch
+    assert global_batch_bounds(1537, 128)[-2:] == [1408, 1537]                         # 1 < 64: joins
+    assert global_batch_bounds(10, 4) == [0, 4, 8, 10]
+    assert global_batch_bounds(10, 4, world_size=2) == [0, 4, 10]                      # 2 images = 1 per rank
+    assert global_batch_bounds(3, 4) == [0, 3]
+
+
+def test_ranks_share_each_global_batch_of_the_one_process_run():
+    one = epoch_batches(1500, 0, 0, 0, 0, 1, 128)
+    assert [len(b) for b in one] == [128] * 11 + [92]
+    assert torch.equal(torch.cat(one), epoch_permutation(1500, 0, 0, 0))
+    for world_size in (2, 4):
+        per_rank = [epoch_batches(1500, 0, 0, 0, r, world_size, 128) for r in range(world_size)]
+        assert all(len(b) == len(one) for b in per_rank)
+        for step, batch in enumerate(one):
+            shares = [per_rank[r][step] for r in range(world_size)]
+            assert {len(s) for s in shares} == {len(batch) // world_size}
+            for r in range(world_size):                 # rank r holds positions r, r + W, ...
+                assert torch.equal(shares[r], batch[r::world_size])
+    odd = [epoch_batches(1501, 0, 0, 0, r, 2, 128) for r in range(2)]   # padded by one repeat
+    assert [len(b) for b in odd[0]] == [len(b) for b in odd[1]] == [64] * 11 + [47]

@@ -6,8 +6,9 @@ torchvision does), RandomGrayscale(p=0.2), RandomHorizontalFlip(p=0.5), then nor
 
 Every random number comes from one CPU ``torch.Generator`` in a fixed order (crop, flip, jitter
 factors and order, grayscale), then moves to the batch's device: the same generator state gives
-the same augmented batch on CPU and GPU, and a resumed run that re-seeds its generators gets
-the same images as an uninterrupted one. The image ops themselves (grid_sample, blends, HSV
+the same augmented batch on CPU and GPU, a resumed run that re-seeds its generators gets
+the same images as an uninterrupted one, and W ranks that share one generator state give each
+image of a global batch the augmentation one process gives it (:func:`augment`). The image ops themselves (grid_sample, blends, HSV
 conversion) run on the batch's device, so GPU augmentation comes for free.
 
 The flip is folded into the crop's affine sampling grid (it commutes with the colour ops), so
@@ -208,21 +209,55 @@ def color_jitter(images: torch.Tensor, factors: torch.Tensor, order: torch.Tenso
     return out
 
 
-def augment(images: torch.Tensor, spec: AugmentSpec, generator: torch.Generator) -> torch.Tensor:
-    """Augment a batch: (B, 3, H, W) uint8 or float in [0, 1] -> (B, 3, size, size) normalised float32,
-    on the batch's device. ``generator`` (CPU) is advanced by a fixed amount per call."""
-    batch, _, height, width = images.shape
-    x = to_float(images)
+@dataclass(frozen=True)
+class AugmentDraw:
+    """The random parameters of one batch of B images (CPU tensors)."""
+    boxes: torch.Tensor    # (B, 4) float (top, left, h, w) crop boxes in pixels
+    flip: torch.Tensor     # (B,) bool
+    factors: torch.Tensor  # (B, 4) float brightness, contrast, saturation, hue
+    order: torch.Tensor    # (B, 4) int64 per-image order of the four jitter ops
+    gray: torch.Tensor     # (B,) bool
+
+    def rows(self, start: int, step: int) -> AugmentDraw:
+        """Rows start, start + step, ... (one rank's share of a global batch's draw)."""
+        return AugmentDraw(*(t[start::step] for t in (self.boxes, self.flip, self.factors, self.order, self.gray)))
+
+
+def draw_params(batch: int, height: int, width: int, spec: AugmentSpec, generator: torch.Generator) -> AugmentDraw:
+    """Draw the parameters of ``batch`` images of (height, width) from ``generator``, in a fixed
+    order (crops, flips, jitter factors and order, grayscale): the generator advances by an
+    amount that depends only on ``batch``."""
     boxes = resized_crop_boxes(batch, height, width, spec.scale, spec.ratio, generator)
     flip_draw = torch.rand(batch, generator=generator) < 0.5
     flip = flip_draw if spec.hflip else torch.zeros_like(flip_draw)
     factors, order = jitter_params(batch, spec.jitter, generator)
     gray = torch.rand(batch, generator=generator) < spec.grayscale_p
-    x = crop_resize_flip(x, boxes, flip, spec.size)
-    x = color_jitter(x, factors, order)
-    gray = gray.to(x.device).view(-1, 1, 1, 1)
+    return AugmentDraw(boxes, flip, factors, order, gray)
+
+
+def apply_params(images: torch.Tensor, params: AugmentDraw, spec: AugmentSpec) -> torch.Tensor:
+    """(B, 3, H, W) uint8 or float in [0, 1] -> (B, 3, size, size) augmented, normalised float32."""
+    x = crop_resize_flip(to_float(images), params.boxes, params.flip, spec.size)
+    x = color_jitter(x, params.factors, params.order)
+    gray = params.gray.to(x.device).view(-1, 1, 1, 1)
     x = torch.where(gray, grayscale(x).expand_as(x), x)
     return normalize(x, spec.mean, spec.std)
+
+
+def augment(images: torch.Tensor, spec: AugmentSpec, generator: torch.Generator,
+            rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """Augment a batch: (b, 3, H, W) uint8 or float in [0, 1] -> (b, 3, size, size) normalised
+    float32, on the batch's device. ``generator`` (CPU) is advanced by a fixed amount per call.
+
+    With W ranks, ``images`` is rank ``rank``'s share of a global batch of W * b images (its
+    positions rank, rank + W, ... as ``trainer.sharding`` deals them): every rank draws the
+    parameters of the whole global batch from the same generator and applies its own rows, so
+    each image gets exactly the augmentation a one-process run gives it. Drawing W * b
+    parameter sets costs microseconds; the image ops run on b images only.
+    """
+    batch, _, height, width = images.shape
+    params = draw_params(batch * world_size, height, width, spec, generator)
+    return apply_params(images, params.rows(rank, world_size), spec)
 
 
 def prepare_eval(images: torch.Tensor, spec: AugmentSpec) -> torch.Tensor:

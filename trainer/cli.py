@@ -33,6 +33,8 @@ FLAG_HELP = {
     "arch": f"{' | '.join(ARCHS)}",
     "dim": "feature dimension of the head and memory bank",
     "precision": "fp32, or bf16 autocast for the network (GPU); the loss and memory bank stay fp32",
+    "compile": "torch.compile the network for training (inductor; needs a C++ compiler; "
+               "the first steps pay tens of seconds of compilation)",
     "method": "and: AND with the progressive curriculum; instance: Wu et al. baseline (no anchors); "
               "and-oneoff: all samples anchors from round 1 (paper Table 6)",
     "rounds": "curriculum rounds R after round 0 (R + 1 training rounds)",
@@ -207,22 +209,37 @@ def linear_probe(run_dir, epochs, lr, device):
 @click.option("--size", default=32, show_default=True, help="image side in px")
 @click.option("--batch-size", default=128, show_default=True)
 @click.option("--n", "n", default=50000, show_default=True, help="memory bank rows")
-@click.option("--steps", default=20, show_default=True, help="timed steps (after 3 warm-up steps)")
+@click.option("--steps", default=20, show_default=True, help="timed steps per block (3 blocks, after 3 warm-up steps)")
 @click.option("--device", default="cpu", show_default=True)
-def speed(arch, size, batch_size, n, steps, device):
-    """Measure training images/s: the model alone and the whole AND step (augmentation, model,
-    softmax over N memory rows, loss, memory update) on random images."""
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16: autocast the network, as trainer run --precision bf16")
+@click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
+              help="torch.compile both networks, as trainer run --compile")
+def speed(arch, size, batch_size, n, steps, device, precision, compile_):
+    """Measure training images/s of AND against supervised training of the same backbone and batch.
+
+    Both run batched augmentation on the device from uint8 images; AND adds the softmax over N
+    memory rows, the AND loss and the memory update (the loop's own training step). Prints both
+    rates and AND / supervised (target on a GPU: at least 0.85).
+    """
     import torch
 
     from trainer.config import ARCHS
+    from trainer.models import check_compiler
     from trainer.speed import step_speed
 
     if arch not in ARCHS:
         raise TrainerError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
+    if min(size, batch_size, n, steps) < 1 or batch_size < 2:
+        raise TrainerError("--size, --n and --steps must be positive and --batch-size at least 2")
     check_device(device)
-    for name, rate in step_speed(arch, size, batch_size, n, steps, device).items():
-        click.echo(f"{arch} {size}px batch {batch_size} N={n} threads {torch.get_num_threads()} {device}: "
-                   f"{name}: {rate:.0f} images/s")
+    if compile_:
+        check_compiler()
+    rates = step_speed(arch, size, batch_size, n, steps, device, precision, compile_)
+    setting = (f"{arch} {size}px batch {batch_size} N={n} {precision}{' compiled' if compile_ else ''} "
+               f"{device}{'' if device.startswith('cuda') else f' threads {torch.get_num_threads()}'}")
+    click.echo(f"{setting}: supervised {rates['supervised']:.0f} images/s, AND {rates['AND']:.0f} images/s, "
+               f"AND / supervised = {rates['ratio']:.2f}")
 
 
 if __name__ == "__main__":

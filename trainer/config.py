@@ -43,6 +43,7 @@ class TrainConfig:
     arch: str = "smallcnn"               # smallcnn | resnet18 | resnet50 | alexnet
     dim: int = 128                       # feature / memory-bank dimension
     precision: str = "fp32"              # fp32 | bf16 (autocast for the network; loss and bank stay fp32)
+    compile: bool = False                # torch.compile the network for training (inductor)
     # method and curriculum
     method: str = "and"                  # and | instance | and-oneoff
     rounds: int = 4                      # curriculum rounds R after round 0 (R + 1 training rounds)

@@ -99,16 +99,22 @@ class ImageDataset:
     def split(self, name: str) -> Split:
         return {"train": self.train, "test": self.test}[name]
 
-    def train_batches(self, batches: list[torch.Tensor], generator: torch.Generator,
-                      device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def train_batches(self, batches: list[torch.Tensor], generator: torch.Generator, device: torch.device,
+                      rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Augmented training batches: (images (b, 3, S, S) float32 on ``device``, indices (b,) int64
-        on ``device``) for each index tensor in ``batches``. Randomness comes from ``generator``."""
+        on ``device``) for each index tensor in ``batches``. Randomness comes from ``generator``.
+
+        In-memory sets: ``batches`` are rank ``rank``'s shares of global batches
+        (``trainer.sharding``) and ``generator`` is seeded the same on every rank, so each image
+        is augmented as in a one-process run (``trainer.augment.augment``). Streamed folders:
+        torchvision transforms in DataLoader workers; pass a per-rank ``generator`` there.
+        """
         if self.in_memory:
             spec = self.augment_spec
             for idx in batches:
                 idx = idx.to(self.train.images.device)
                 images = self.train.images.index_select(0, idx).to(device, non_blocking=True)
-                yield augment(images, spec, generator), idx.to(device)
+                yield augment(images, spec, generator, rank, world_size), idx.to(device)
             return
         loader = torch.utils.data.DataLoader(
             self.instance_dataset("train", train=True), batch_sampler=[b.tolist() for b in batches],

@@ -30,7 +30,7 @@ from trainer.errors import TrainerError
 from trainer.knn import embed, knn_predict
 from trainer.loss import and_loss
 from trainer.memory import ema_update_, init_memory
-from trainer.models import build_model, unwrap
+from trainer.models import build_model, check_compiler, compile_for_training, unwrap
 from trainer.schedule import lr_at, make_optimizer, set_lr
 from trainer.seeding import generator, set_determinism
 from trainer.sharding import epoch_batches
@@ -71,6 +71,8 @@ def train(cfg: TrainConfig, world: World, resume: bool = False,
     device = world.device
     set_determinism(cfg.deterministic)
     validate(cfg)
+    if cfg.compile:
+        check_compiler()
 
     # ---- data, model, optimiser, memory bank (all validated before the store exists)
     data = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.image_size, cfg.hflip, cfg.workers)
@@ -105,6 +107,8 @@ def train(cfg: TrainConfig, world: World, resume: bool = False,
         f"rounds 0..{cfg.rounds} x {cfg.epochs_per_round} epochs, batch {cfg.batch_size} over "
         f"{world.world_size} rank(s), device {device}, store {cfg.store}")
     ddp_model = world.wrap_model(model)
+    if cfg.compile:
+        ddp_model = compile_for_training(ddp_model)
     run_start = time.perf_counter()
 
     for r in range(start_round, cfg.rounds + 1):
@@ -167,6 +171,8 @@ def preflight(cfg: TrainConfig, world_size: int, resume: bool) -> None:
 
     validate(cfg)
     check_run_dir(cfg, resume)
+    if cfg.compile:
+        check_compiler()
     data = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.image_size, cfg.hflip, cfg.workers)
     if world_size > len(data.train):
         raise TrainerError(f"--world-size {world_size} is larger than the training set (N = {len(data.train)})")
@@ -194,25 +200,16 @@ def train_one_epoch(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer
     ddp_model.train()
     device = world.device
     batches = epoch_batches(len(data.train), cfg.seed, r, epoch, world.rank, world.world_size, cfg.batch_size)
-    aug_gen = generator(cfg.seed, "augment", r, epoch, world.rank)
+    # In-memory sets draw the augmentation of each whole global batch on every rank (the same
+    # images as one process); DataLoader workers of streamed folders draw per rank.
+    aug_gen = generator(cfg.seed, "augment", r, epoch, *(() if data.in_memory else (world.rank,)))
     loss_sum = torch.zeros((), device=device)
     seen = 0
     start = last_note = time.perf_counter()
-    for step, (images, indices) in enumerate(data.train_batches(batches, aug_gen, device)):
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            features = ddp_model(images)
-        features = features.float()                                          # (b, d), unit rows
-        loss = and_loss(features, memory, indices, curriculum.anchor, curriculum.neighbours, cfg.tau)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        # Memory update after the step and outside autograd, with every rank's batch, in rank
-        # order: all replicas of the bank apply the identical update.
-        with torch.no_grad():
-            ema_update_(memory, *world.all_gather_indexed(indices, features.detach()), cfg.eta)
-        loss_sum += loss.detach() * indices.numel()
+    train_batches = data.train_batches(batches, aug_gen, device, world.rank, world.world_size)
+    for step, (images, indices) in enumerate(train_batches):
+        loss = train_step(ddp_model, optimizer, memory, images, indices, curriculum, cfg, world)
+        loss_sum += loss * indices.numel()
         seen += indices.numel()
         if time.perf_counter() - last_note > PROGRESS_EVERY_S:
             last_note = time.perf_counter()
@@ -222,6 +219,32 @@ def train_one_epoch(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer
     seconds = time.perf_counter() - start
     return {"loss": float(totals[0] / totals[1]), "images_per_s": round(float(totals[1]) / seconds, 1),
             "seconds": round(seconds, 2)}
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, memory: torch.Tensor,
+               images: torch.Tensor, indices: torch.Tensor, curriculum: Curriculum, cfg: TrainConfig,
+               world: World) -> torch.Tensor:
+    """One optimisation step on this rank's batch, then the memory-bank update of every rank's.
+
+    images (b, 3, S, S) float32 augmented; indices (b,) int64 dataset rows; memory (N, d), updated
+    in place. Returns the batch's mean loss (a detached scalar). On CUDA the images go
+    channels-last (NHWC convolutions use the tensor cores without layout transposes); with
+    cfg.precision "bf16" the network runs under autocast while loss and bank stay float32.
+    """
+    if images.device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        features = model(images)
+    features = features.float()                                          # (b, d), unit rows
+    loss = and_loss(features, memory, indices, curriculum.anchor, curriculum.neighbours, cfg.tau)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    # Memory update after the step and outside autograd, with every rank's batch, in rank
+    # order: all replicas of the bank apply the identical update.
+    with torch.no_grad():
+        ema_update_(memory, *world.all_gather_indexed(indices, features.detach()), cfg.eta)
+    return loss.detach()
 
 
 def curriculum_for_round(r: int, cfg: TrainConfig, store, world: World, say: Callable[[str], None]) -> Curriculum:

@@ -119,6 +119,31 @@ def build_model(arch: str, image_size: int, dim: int = 128) -> EmbeddingModel:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel wrapper (the model itself otherwise), so
-    checkpoints never carry DDP's ``module.`` prefixes."""
+    """The model inside torch.compile and DistributedDataParallel wrappers (the model itself
+    otherwise), so checkpoints never carry ``_orig_mod.`` or DDP's ``module.`` prefixes."""
+    model = getattr(model, "_orig_mod", model)
     return model.module if hasattr(model, "module") else model
+
+
+def check_compiler() -> None:
+    """One-line error when torch.compile cannot work here: inductor builds its CPU kernels, and
+    Triton its GPU kernel launchers, with the C/C++ compiler on PATH."""
+    import os
+    import shutil
+
+    if not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
+        raise TrainerError("--compile needs a C++ compiler on PATH (g++ or clang++; set CXX for another): "
+                           "install one or drop --compile")
+
+
+def compile_for_training(model: nn.Module) -> nn.Module:
+    """``torch.compile`` (inductor) of the module the training step calls; (B, 3, S, S) -> (B, dim).
+
+    Static shapes: an epoch has at most two batch sizes (``trainer.sharding``), so inductor
+    compiles at most two specialised graphs instead of one slower dynamic one. The first
+    steps pay the compilation (tens of seconds); evaluation keeps running the eager module.
+    Under DDP the compiled graph is split at gradient-bucket boundaries so the all-reduces
+    still overlap the backward pass.
+    """
+    check_compiler()
+    return torch.compile(model, dynamic=False)

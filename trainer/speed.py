@@ -1,62 +1,100 @@
-"""Training-step throughput of one AND step on this machine (images/s): ``trainer speed``.
+"""Training throughput of AND against plain supervised training of the same backbone: ``trainer speed``.
 
-Measures, on random uint8 images: the model alone (forward + backward + SGD step), and the
-whole step the loop runs (batched augmentation + model + softmax over an N-row memory bank +
-AND loss + EMA update), after warm-up steps.
+Both steps start from uint8 images already on the device and run the batched augmentation
+there, the same precision, memory format and (optionally) torch.compile:
+
+- supervised: backbone -> Linear(F, 10) -> cross-entropy -> SGD step;
+- AND: the loop's own :func:`trainer.loop.train_step` (backbone -> 128-d head -> softmax over
+  all N memory rows -> AND loss with every sample an anchor -> SGD step -> EMA update of the bank).
+
+The two are timed in alternating blocks after warm-up (which includes any compilation), and the
+median rate of each is reported with their ratio, all from one run.
 """
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 from trainer.augment import AugmentSpec, augment
-from trainer.loss import and_loss
-from trainer.memory import ema_update_, init_memory
-from trainer.models import build_model
+from trainer.config import TrainConfig
+from trainer.memory import init_memory
+from trainer.models import build_model, compile_for_training
 from trainer.schedule import make_optimizer
+from trainer.world import World
+
+WARMUP_STEPS = 3
+BLOCKS = 3
 
 
 def step_speed(arch: str = "smallcnn", size: int = 32, batch: int = 128, n: int = 50000, steps: int = 20,
-               device: str = "cpu") -> dict:
-    """{"model only": images/s, "full AND step": images/s}."""
+               device: str = "cpu", precision: str = "fp32", compile: bool = False) -> dict:
+    """{"supervised": images/s, "AND": images/s, "ratio": AND / supervised}."""
+    from trainer.loop import Curriculum, train_step
+
     dev = torch.device(device)
-    torch.manual_seed(0)
-    model = build_model(arch, size).to(dev)
-    opt = make_optimizer(model.parameters(), 0.03)
-    memory = init_memory(n, 128, torch.Generator().manual_seed(0), dev)
+    cfg = TrainConfig(precision=precision)
     spec = AugmentSpec(size, (0.5,) * 3, (0.25,) * 3)
-    images = (torch.rand(batch, 3, size, size) * 255).to(torch.uint8).to(dev)
-    normalised = augment(images, spec, torch.Generator().manual_seed(0))
-    anchor = torch.ones(n, dtype=torch.bool, device=dev)
-    neighbours = torch.randint(0, n, (n, 1), device=dev)
-    g = torch.Generator().manual_seed(1)
+    images = (torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).to(dev)
+    labels = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(1)).to(dev)
+    aug_gen = torch.Generator().manual_seed(2)
 
-    def model_only():
-        loss = model(normalised).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    torch.manual_seed(0)
+    and_model = build_model(arch, size, cfg.dim).to(dev)
+    backbone = build_model(arch, size, cfg.dim)
+    supervised_model = torch.nn.Sequential(backbone.backbone, torch.nn.Linear(backbone.feature_dim, 10)).to(dev)
+    if dev.type == "cuda":
+        and_model = and_model.to(memory_format=torch.channels_last)
+        supervised_model = supervised_model.to(memory_format=torch.channels_last)
+    and_opt = make_optimizer(and_model.parameters(), cfg.lr)
+    supervised_opt = make_optimizer(supervised_model.parameters(), cfg.lr)
+    if compile:
+        and_model, supervised_model = compile_for_training(and_model), compile_for_training(supervised_model)
 
-    def full_step():
-        idx = torch.randint(0, n, (batch,), device=dev)
-        feats = model(augment(images, spec, g))
-        loss = and_loss(feats, memory, idx, anchor, neighbours, 0.1)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        ema_update_(memory, idx, feats.detach(), 0.5)
+    memory = init_memory(n, cfg.dim, torch.Generator().manual_seed(3), dev)
+    curriculum = Curriculum(anchor=torch.ones(n, dtype=torch.bool, device=dev),
+                            neighbours=torch.randint(0, n, (n, 1), generator=torch.Generator().manual_seed(4)).to(dev),
+                            anchors=n, consistency=None)
+    world = World.single(dev)
+    index_gen = torch.Generator().manual_seed(5)
 
-    rates = {}
-    for name, fn in (("model only", model_only), ("full AND step", full_step)):
-        for _ in range(3):
-            fn()
+    def supervised_step():
+        x = augment(images, spec, aug_gen)
         if dev.type == "cuda":
-            torch.cuda.synchronize()
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = supervised_model(x)
+        loss = F.cross_entropy(logits.float(), labels)
+        supervised_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        supervised_opt.step()
+
+    def and_step():
+        indices = torch.randint(0, n, (batch,), generator=index_gen).to(dev)
+        train_step(and_model, and_opt, memory, augment(images, spec, aug_gen), indices, curriculum, cfg, world)
+
+    def images_per_s(step_fn) -> float:
+        _sync(dev)
         start = time.perf_counter()
         for _ in range(steps):
-            fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        rates[name] = round(steps * batch / (time.perf_counter() - start), 1)
-    return rates
+            step_fn()
+        _sync(dev)
+        return steps * batch / (time.perf_counter() - start)
+
+    rates = {"supervised": [], "AND": []}
+    for step_fn in (supervised_step, and_step):
+        for _ in range(WARMUP_STEPS):
+            step_fn()
+    for _ in range(BLOCKS):
+        rates["supervised"].append(images_per_s(supervised_step))
+        rates["AND"].append(images_per_s(and_step))
+    result = {name: round(statistics.median(r), 1) for name, r in rates.items()}
+    result["ratio"] = round(result["AND"] / result["supervised"], 3)
+    return result
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.errors import TrainerError
+from trainer.global_bn import convert_to_global_bn
 
 
 def check_device(device: str | torch.device) -> None:
@@ -71,11 +72,11 @@ class World:
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """DistributedDataParallel over the ranks; the model itself in a one-process world.
 
-        On CUDA, batch norm is synchronised across ranks, so W ranks with batch B/W each
-        normalise with the statistics of the whole global batch B, as one process with batch B
-        does (torch's SyncBatchNorm has no CPU kernel: on gloo each rank normalises its own B/W
-        images, and DDP broadcasts rank 0's running statistics so the replicas stay equal).
-        The returned module shares its parameters with ``model``.
+        Batch norm is synchronised across ranks, so W ranks with batch B/W each normalise with
+        the statistics of the whole global batch B, as one process with batch B does: torch's
+        SyncBatchNorm on CUDA, ``trainer.global_bn.GlobalBatchNorm`` on CPU (SyncBatchNorm has no
+        CPU kernel). Both are converted in place; the returned module shares its parameters and
+        buffers with ``model``.
         """
         if not self.distributed:
             return model
@@ -83,15 +84,19 @@ class World:
 
         if self.device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            model = convert_to_global_bn(model)
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        # No per-step buffer broadcast: training-mode batch norm reads batch statistics, not
+        # the running ones, and sync_buffers makes those equal at every epoch end.
+        return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
 
     def sync_buffers(self, model: torch.nn.Module) -> None:
-        """Give every rank rank 0's buffers (batch-norm running statistics).
+        """Give every rank rank 0's buffers (batch-norm running statistics), once per epoch.
 
-        DDP broadcasts them at the start of each forward, so after an epoch's last step each
-        rank still holds the statistics of its own last batch; evaluation and checkpoints need
-        the replicas equal.
+        Synchronised batch norm updates them from the same global statistics on every rank, so
+        this is a guarantee rather than a correction: evaluation and checkpoints need the
+        replicas equal to the bit, whatever a reduction's rounding did.
         """
         if not self.distributed:
             return
