@@ -112,6 +112,14 @@ def test_colour_ops_match_torchvision(ours, theirs, low, high):
     torch.testing.assert_close(ours(x, factors), want, atol=2e-6, rtol=0)
 
 
+def test_the_gpu_colour_jitter_gives_the_cpu_values_without_picking_rows():
+    x = _images(16, 8)
+    factors, order = A.jitter_params(16, (0.4, 0.4, 0.4, 0.4), torch.Generator().manual_seed(0))
+    assert len({tuple(o) for o in order.tolist()}) > 4                  # many different op orders
+    picked = A.color_jitter(x, factors, order)                          # CPU: rows picked per op
+    torch.testing.assert_close(A.color_jitter_masked(x, factors, order), picked, atol=0, rtol=0)
+
+
 def test_grayscale_matches_torchvision():
     x = _images()
     torch.testing.assert_close(A.grayscale(x), TF.rgb_to_grayscale(x), atol=1e-6, rtol=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trainer.memory import ema_update_, init_memory, last_occurrence
+from trainer.memory import ema_update_, init_memory, last_occurrence_of_each
 
 
 def test_init_is_unit_rows_and_seeded():
@@ -58,7 +58,11 @@ def test_an_update_with_duplicates_equals_one_with_only_their_last_occurrences()
 
 
 def test_last_occurrence_positions():
-    assert last_occurrence(torch.tensor([5, 2, 5, 7, 2, 5])).tolist() == [4, 5, 3]   # values 2, 5, 7
+    assert last_occurrence_of_each(torch.tensor([5, 2, 5, 7, 2, 5])).tolist() == [5, 4, 5, 3, 4, 5]
+    assert last_occurrence_of_each(torch.tensor([3])).tolist() == [0]
+    idx = torch.randint(0, 50, (300,), generator=torch.Generator().manual_seed(1))
+    want = [max(j for j in range(300) if idx[j] == idx[i]) for i in range(300)]
+    assert last_occurrence_of_each(idx).tolist() == want
 
 
 def test_update_happens_outside_autograd():

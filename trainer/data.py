@@ -112,9 +112,10 @@ class ImageDataset:
         if self.in_memory:
             spec = self.augment_spec
             for idx in batches:
-                idx = idx.to(self.train.images.device)
+                # non_blocking: a blocking copy to a GPU would wait for the previous step to finish
+                idx = idx.to(self.train.images.device, non_blocking=True)
                 images = self.train.images.index_select(0, idx).to(device, non_blocking=True)
-                yield augment(images, spec, generator, rank, world_size), idx.to(device)
+                yield augment(images, spec, generator, rank, world_size), idx.to(device, non_blocking=True)
             return
         loader = torch.utils.data.DataLoader(
             self.instance_dataset("train", train=True), batch_sampler=[b.tolist() for b in batches],

@@ -20,13 +20,23 @@ def init_memory(n: int, dim: int, generator: torch.Generator, device: str | torc
     return F.normalize(rows, dim=1).to(device)
 
 
-def last_occurrence(indices: torch.Tensor) -> torch.Tensor:
-    """Positions (U,) of the last occurrence of each distinct value in ``indices`` (B,), in
-    increasing value order. Sort-based (stable), so deterministic on every device."""
+def last_occurrence_of_each(indices: torch.Tensor) -> torch.Tensor:
+    """(B,) int64: for each position i, the position of the last occurrence of indices[i].
+
+    Sort-based (stable), so deterministic on every device, and free of data-dependent shapes,
+    so a GPU never waits for the host: [5, 2, 5, 7, 2, 5] -> [5, 4, 5, 3, 4, 5].
+    """
+    batch = indices.numel()
     sorted_idx, order = torch.sort(indices, stable=True)
+    positions = torch.arange(batch, device=indices.device)
     is_last = torch.ones_like(sorted_idx, dtype=torch.bool)
     is_last[:-1] = sorted_idx[1:] != sorted_idx[:-1]
-    return order[is_last]
+    # In sorted order, the end of each run of equal values: the nearest is_last at or after p.
+    run_end = torch.where(is_last, positions, torch.full_like(positions, batch))
+    run_end = torch.flip(torch.cummin(torch.flip(run_end, [0]), 0).values, [0])
+    # Back to batch order by gathering with the inverse permutation (a gather, unlike a
+    # scatter, has one deterministic kernel everywhere).
+    return order[run_end].index_select(0, torch.argsort(order))
 
 
 @torch.no_grad()
@@ -36,10 +46,10 @@ def ema_update_(memory: torch.Tensor, indices: torch.Tensor, features: torch.Ten
     memory (N, d); indices (B,) int64; features (B, d), detached (cast to the bank's dtype).
     Duplicate indices in one update (a distributed sampler's padding, or a sample drawn twice):
     the LAST occurrence wins, i.e. m_i <- normalise((1 - eta) m_i + eta x_last) with the m_i from
-    before this update; earlier occurrences in the same update are ignored. This makes the
-    result independent of how index_copy orders duplicate writes.
+    before this update; earlier occurrences in the same update are ignored. Every occurrence
+    computes that same row, so the result does not depend on how index_copy orders duplicate
+    writes.
     """
-    keep = last_occurrence(indices)
-    rows = indices[keep]
-    new = (1.0 - eta) * memory.index_select(0, rows) + eta * features[keep].to(memory.dtype)
-    memory.index_copy_(0, rows, F.normalize(new, dim=1))
+    source = last_occurrence_of_each(indices)
+    new = (1.0 - eta) * memory.index_select(0, indices) + eta * features.index_select(0, source).to(memory.dtype)
+    memory.index_copy_(0, indices, F.normalize(new, dim=1))
