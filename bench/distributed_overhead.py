@@ -10,8 +10,8 @@ a barrier, so waiting for a slower rank is not counted as either) and the script
 sync / (step + sync), measured in one run. Target at W = 2 on CPU: under 10%.
 
 The step's batch norm runs over the global batch, as in the loop (``trainer.global_bn`` on CPU,
-four small all-reduces per layer). Its cost is printed too: the same step with per-rank batch
-norm is timed in the same run, alternating step by step.
+one small all-reduce per layer forward and one backward). Its cost is printed too: the same step
+with per-rank batch norm (``--no-sync-bn``) is timed in the same run, alternating step by step.
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ import click
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -47,8 +46,8 @@ def _rank(rank: int, world_size: int, port: int, arch: str, size: int, batch: in
     local_bn_model = build_model(arch, size)
     optimizer = make_optimizer(model.parameters(), 0.03)
     local_bn_optimizer = make_optimizer(local_bn_model.parameters(), 0.03)
-    ddp = world.wrap_model(model)                                    # batch norm over the global batch
-    local_bn_ddp = DistributedDataParallel(local_bn_model, forward_sync_buffers=False)   # per-rank batch norm
+    ddp = world.wrap_model(model, sync_bn=True)                      # batch norm over the global batch
+    local_bn_ddp = world.wrap_model(local_bn_model, sync_bn=False)   # per-rank batch norm (--no-sync-bn)
     memory = init_memory(n, 128, torch.Generator().manual_seed(0))
     spec = AugmentSpec(size, (0.5,) * 3, (0.25,) * 3)
     images = (torch.rand(batch // world_size, 3, size, size) * 255).to(torch.uint8)

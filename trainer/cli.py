@@ -43,6 +43,9 @@ FLAG_HELP = {
     "eta": "memory-bank update rate (Eq 8)",
     "epochs_per_round": "epochs per training round; default 200 (paper), 30 for digits, 2 for synthetic",
     "batch_size": "global batch (split over ranks)",
+    "sync_bn": "with several ranks, batch norm over the global batch, so W ranks train what one process "
+               "does; --no-sync-bn: each rank normalises its own images (no collectives inside the "
+               "forward pass; what the authors' DataParallel code did)",
     "lr": "base learning rate, restarted every round",
     "lr_milestones": "comma-separated fractions of a round where the lr is multiplied by lr_gamma",
     "lr_gamma": "lr decay factor at each milestone",

@@ -53,6 +53,7 @@ class TrainConfig:
     # optimisation (per round; the lr schedule restarts every round)
     epochs_per_round: int | None = None  # None: 200 (paper), 30 for digits, 2 for synthetic
     batch_size: int = 128                # global batch; each of W ranks takes batch_size / W
+    sync_bn: bool = True                 # W > 1: batch norm over the global batch (W ranks = one process)
     lr: float = 0.03
     lr_milestones: list[float] = field(default_factory=lambda: [0.4, 0.6, 0.8])  # fractions of a round
     lr_gamma: float = 0.1

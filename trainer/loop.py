@@ -106,7 +106,7 @@ def train(cfg: TrainConfig, world: World, resume: bool = False,
     say(f"{cfg.method} on {cfg.dataset} (N={n}, test {len(data.test)}, {data.image_size}px) with {cfg.arch}, "
         f"rounds 0..{cfg.rounds} x {cfg.epochs_per_round} epochs, batch {cfg.batch_size} over "
         f"{world.world_size} rank(s), device {device}, store {cfg.store}")
-    ddp_model = world.wrap_model(model)
+    ddp_model = world.wrap_model(model, cfg.sync_bn)
     if cfg.compile:
         ddp_model = compile_for_training(ddp_model)
     run_start = time.perf_counter()
@@ -200,9 +200,10 @@ def train_one_epoch(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer
     ddp_model.train()
     device = world.device
     batches = epoch_batches(len(data.train), cfg.seed, r, epoch, world.rank, world.world_size, cfg.batch_size)
-    # In-memory sets draw the augmentation of each whole global batch on every rank (the same
-    # images as one process); DataLoader workers of streamed folders draw per rank.
-    aug_gen = generator(cfg.seed, "augment", r, epoch, *(() if data.in_memory else (world.rank,)))
+    if data.in_memory:   # every rank draws each whole global batch's augmentation and applies its rows
+        aug_gen = generator(cfg.seed, "augment", r, epoch)
+    else:                # DataLoader workers of streamed folders draw per rank
+        aug_gen = generator(cfg.seed, "augment", r, epoch, world.rank)
     loss_sum = torch.zeros((), device=device)
     seen = 0
     start = last_note = time.perf_counter()

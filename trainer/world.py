@@ -69,22 +69,23 @@ class World:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+    def wrap_model(self, model: torch.nn.Module, sync_bn: bool = True) -> torch.nn.Module:
         """DistributedDataParallel over the ranks; the model itself in a one-process world.
 
-        Batch norm is synchronised across ranks, so W ranks with batch B/W each normalise with
-        the statistics of the whole global batch B, as one process with batch B does: torch's
-        SyncBatchNorm on CUDA, ``trainer.global_bn.GlobalBatchNorm`` on CPU (SyncBatchNorm has no
-        CPU kernel). Both are converted in place; the returned module shares its parameters and
-        buffers with ``model``.
+        ``sync_bn``: batch norm is synchronised across ranks, so W ranks with batch B/W each
+        normalise with the statistics of the whole global batch B, as one process with batch B
+        does: torch's SyncBatchNorm on CUDA, ``trainer.global_bn.GlobalBatchNorm`` on CPU
+        (SyncBatchNorm has no CPU kernel). Both are converted in place; the returned module
+        shares its parameters and buffers with ``model``. Without it each rank normalises its
+        own B/W images (no collective inside the forward pass).
         """
         if not self.distributed:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
-        if self.device.type == "cuda":
+        if sync_bn and self.device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:
+        elif sync_bn:
             model = convert_to_global_bn(model)
         ids = [self.device.index] if self.device.type == "cuda" else None
         # No per-step buffer broadcast: training-mode batch norm reads batch statistics, not
