@@ -9,7 +9,7 @@ from PIL import Image
 
 from trainer import augment as A
 from trainer.data import DataError, load_dataset
-from trainer.sharding import epoch_batches, epoch_permutation, global_batch_bounds, shard_indices
+from trainer.sharding import epoch_batches, epoch_permutation, global_batch_bounds
 
 
 # ---------------------------------------------------------------- datasets
@@ -195,7 +195,7 @@ def test_prepare_eval_only_normalises_at_native_size():
 def test_one_rank_sees_the_epoch_permutation():
     perm = epoch_permutation(10, seed=0, round=1, epoch=2)
     assert sorted(perm.tolist()) == list(range(10))
-    assert torch.equal(shard_indices(10, 0, 1, 2, rank=0, world_size=1), perm)
+    assert torch.equal(torch.cat(epoch_batches(10, 0, 1, 2, rank=0, world_size=1, global_batch=4)), perm)
     assert torch.equal(perm, epoch_permutation(10, 0, 1, 2))
     assert not torch.equal(perm, epoch_permutation(10, 0, 1, 3))
     assert not torch.equal(perm, epoch_permutation(10, 0, 2, 2))
@@ -204,7 +204,7 @@ def test_one_rank_sees_the_epoch_permutation():
 def test_ranks_split_the_padded_permutation_like_distributed_sampler():
     perm = epoch_permutation(10, 0, 0, 0)
     padded = torch.cat([perm, perm[:2]])                  # 10 -> 12, a multiple of W = 4
-    shards = [shard_indices(10, 0, 0, 0, rank=r, world_size=4) for r in range(4)]
+    shards = [torch.cat(epoch_batches(10, 0, 0, 0, rank=r, world_size=4, global_batch=4)) for r in range(4)]
     assert [len(s) for s in shards] == [3, 3, 3, 3]
     for r in range(4):
         assert torch.equal(shards[r], padded[r::4])

@@ -8,8 +8,9 @@ Every random number comes from one CPU ``torch.Generator`` in a fixed order (cro
 factors and order, grayscale), then moves to the batch's device: the same generator state gives
 the same augmented batch on CPU and GPU, a resumed run that re-seeds its generators gets
 the same images as an uninterrupted one, and W ranks that share one generator state give each
-image of a global batch the augmentation one process gives it (:func:`augment`). The image ops themselves (grid_sample, blends, HSV
-conversion) run on the batch's device, so GPU augmentation comes for free.
+image of a global batch the augmentation one process gives it (:func:`augment`). The image ops
+themselves (grid_sample, blends, HSV conversion) run on the batch's device, so GPU augmentation
+comes for free, without the host ever waiting for the GPU.
 
 The flip is folded into the crop's affine sampling grid (it commutes with the colour ops), so
 crop + resize + flip is one ``grid_sample`` call. Colour ops follow torchvision's tensor

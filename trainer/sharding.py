@@ -39,11 +39,6 @@ def padded_order(n: int, seed: int, round: int, epoch: int, world_size: int) -> 
     return order
 
 
-def shard_indices(n: int, seed: int, round: int, epoch: int, rank: int, world_size: int) -> torch.Tensor:
-    """(ceil(N / W),) int64: every sample rank ``rank`` sees in the epoch (its batches, joined)."""
-    return padded_order(n, seed, round, epoch, world_size)[rank::world_size]
-
-
 def global_batch_bounds(total: int, batch_size: int, world_size: int = 1) -> list[int]:
     """Start/stop positions of consecutive global batches of ``batch_size`` over ``total`` positions.
 
