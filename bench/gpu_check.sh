@@ -22,7 +22,7 @@ step() {   # step NAME TIMEOUT_S COMMAND...: run one step, log it, note its stat
     timeout "$limit" "$@" >"$out/$name.log" 2>&1
     local rc=$?
     echo "== $name: exit $rc in $((SECONDS - start)) s" | tee -a "$out/summary.txt"
-    grep -E "images/s|ratio|c/a|c/d|passed|failed|error" "$out/$name.log" | tail -8 | tee -a "$out/summary.txt"
+    grep -E "images/s|ratio|c/a|c/d|passed|failed|skipped|error" "$out/$name.log" | tail -8 | tee -a "$out/summary.txt"
 }
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/summary.txt"
