@@ -181,6 +181,22 @@ def test_a_store_of_another_dataset_is_refused_before_launch(tmp_path):
     assert sorted(p.name for p in (tmp_path / "store").rglob("*")) == before
 
 
+def test_a_store_holding_another_runs_rounds_is_refused_before_launch(tmp_path):
+    import numpy as np
+
+    from trainer.data import load_dataset
+
+    dataset_id = load_dataset("digits").dataset_id
+    store = Store.create_or_open(str(tmp_path / "store"), n=1500, dim=128, dataset_id=dataset_id)
+    store.write_features(0, np.eye(1500, 128, dtype=np.float32))
+    before = sorted(p.name for p in (tmp_path / "store").rglob("*"))
+    result = CliRunner().invoke(main, ["run", "--run-dir", str(tmp_path / "run"), "--world-size", "2",
+                                       "--store", store.url])
+    _one_line_error(result, "already holds rounds of another run")
+    assert sorted(p.name for p in (tmp_path / "store").rglob("*")) == before
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_sync_packing_round_trips_indices_and_features_bit_for_bit():
     from trainer.world import pack_indexed, unpack_indexed
 

@@ -44,7 +44,8 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     if not os.path.isfile(path):
         raise TrainerError(f"no checkpoint at {path}: --resume needs the --run-dir of an earlier run")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        # mmap: tensors are read when used, so reading only the config (--resume) stays cheap
+        state = torch.load(path, map_location=map_location, weights_only=False, mmap=True)
     except Exception as err:  # a torn or foreign file: one line
         raise TrainerError(f"cannot read checkpoint {path}: {type(err).__name__}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

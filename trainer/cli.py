@@ -193,8 +193,8 @@ def linear_probe(run_dir, epochs, lr, device):
     test_f, test_y = embed(model, data.eval_batches("test", batch), dev, head=False)
     result = train_linear_probe(train_f, train_y, test_f, test_y, data.num_classes, epochs=epochs, lr=lr, seed=cfg.seed)
     bank = state["memory"].to(dev)
-    train_h, _ = embed(model, data.eval_batches("train", batch), dev)
-    test_h, _ = embed(model, data.eval_batches("test", batch), dev)
+    with torch.no_grad():   # the head on the backbone features: the model's output, without a second pass
+        train_h, test_h = (torch.nn.functional.normalize(model.head(f), dim=1) for f in (train_f, test_f))
     for name, feats in (("knn_top1_memory", bank), ("knn_top1_recomputed", train_h)):
         pred = knn_predict(test_h, feats, train_y, data.num_classes, cfg.knn_k, cfg.knn_sigma)
         result[name] = round(100.0 * float((pred == test_y).float().mean()), 2)

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from trainer.schedule import make_optimizer, set_lr
 from trainer.seeding import generator
 
 
@@ -29,7 +30,7 @@ def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: tor
     with torch.no_grad():
         layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.01)
         layer.bias.zero_()
-    opt = torch.optim.SGD(layer.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    opt = make_optimizer(layer.parameters(), lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
     n = train_x.shape[0]
     steps_per_epoch = math.ceil(n / batch_size)
     total = epochs * steps_per_epoch
@@ -38,8 +39,7 @@ def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: tor
         order = torch.randperm(n, generator=g).to(train_x.device)
         for s in range(0, n, batch_size):
             idx = order[s:s + batch_size]
-            for group in opt.param_groups:
-                group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / total))
+            set_lr(opt, 0.5 * lr * (1 + math.cos(math.pi * step / total)))
             loss = F.cross_entropy(layer(train_x[idx]), train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -167,8 +167,6 @@ def train(cfg: TrainConfig, world: World, resume: bool = False,
 def preflight(cfg: TrainConfig, world_size: int, resume: bool) -> None:
     """Every check ``train`` makes before it writes anything, run once in the launching process
     so that bad input gives one line there instead of W failing workers and restarts."""
-    from storage import Store, StoreError
-
     validate(cfg)
     check_run_dir(cfg, resume)
     if cfg.compile:
@@ -177,11 +175,22 @@ def preflight(cfg: TrainConfig, world_size: int, resume: bool) -> None:
     if world_size > len(data.train):
         raise TrainerError(f"--world-size {world_size} is larger than the training set (N = {len(data.train)})")
     validate_for_data(cfg, len(data.train), world_size)
+    check_existing_store(cfg, len(data.train), data.dataset_id, fresh=not resume)
+
+
+def check_existing_store(cfg: TrainConfig, n: int, dataset_id: str, fresh: bool) -> None:
+    """A store already at cfg.store must match this run's N, dim and dataset, and a fresh run
+    must not find rounds of another run in it. No store yet is fine: rank 0 creates it."""
+    from storage import Store, StoreError
+
     try:
-        store = Store.open(cfg.store)
+        existing = Store.open(cfg.store)
     except StoreError:
-        return                                   # no store yet: rank 0 creates it
-    store.check_matches(len(data.train), cfg.dim, data.dataset_id)
+        return
+    existing.check_matches(n, cfg.dim, dataset_id)
+    if fresh and (existing.complete_feature_rounds() or existing.published_rounds()):
+        raise TrainerError(f"store {cfg.store} already holds rounds of another run: pass --resume, "
+                           f"or a fresh --store")
 
 
 def check_run_dir(cfg: TrainConfig, resume: bool) -> None:
@@ -291,17 +300,10 @@ def wait_for_neighbourhoods(store, r: int, timeout: float, say: Callable[[str], 
 def open_store(cfg: TrainConfig, data: ImageDataset, world: World, fresh: bool):
     """Create (rank 0) or open the run's store and record the labels once (for consistency
     reports only). A fresh run refuses a store that already holds rounds of another run."""
-    from storage import Store, StoreError
+    from storage import Store
 
     if world.is_main:
-        if fresh:
-            try:
-                existing = Store.open(cfg.store)
-            except StoreError:
-                existing = None
-            if existing is not None and (existing.complete_feature_rounds() or existing.published_rounds()):
-                raise TrainerError(f"store {cfg.store} already holds rounds of another run: pass --resume, "
-                                   f"or a fresh --store")
+        check_existing_store(cfg, len(data.train), data.dataset_id, fresh)
         os.makedirs(cfg.run_dir, exist_ok=True)
         curriculum = {"rounds": cfg.rounds, "k": cfg.k, "tau": cfg.tau, "mode": cfg.anchor_mode}
         store = Store.create_or_open(cfg.store, n=len(data.train), dim=cfg.dim, dataset_id=data.dataset_id,

@@ -143,7 +143,7 @@ def compile_for_training(model: nn.Module) -> nn.Module:
     compiles at most two specialised graphs instead of one slower dynamic one. The first
     steps pay the compilation (tens of seconds); evaluation keeps running the eager module.
     Under DDP the compiled graph is split at gradient-bucket boundaries so the all-reduces
-    still overlap the backward pass.
+    still overlap the backward pass. Callers run :func:`check_compiler` first, before they
+    write anything.
     """
-    check_compiler()
     return torch.compile(model, dynamic=False)
