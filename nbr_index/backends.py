@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .errors import BackendUnavailableError, InvalidFeaturesError, InvalidParameterError
-from .faiss_backend import default_nlist, flat_knn, import_faiss, ivf_knn
+from .faiss_backend import default_nlist, faiss_gpu_available, flat_knn, import_faiss, ivf_knn
 from .features import DEFAULT_CHUNK_READ_ROWS, DEFAULT_IN_MEMORY_BYTES, DEFAULT_NORM_TOLERANCE, open_features
 from .fused import BlockSizes, Progress, knn_entropy_pass
 
@@ -143,8 +143,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return "torch"
     if backend.startswith("faiss"):
-        faiss = import_faiss()
-        if device.type == "cuda" and not (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0):
+        import_faiss()                       # a one-line error when FAISS is missing
+        if device.type == "cuda" and not faiss_gpu_available():
             raise BackendUnavailableError(
                 f"backend {backend} on cuda needs faiss-gpu (pip install faiss-gpu-cu12); "
                 "or use --backend torch, the fastest exact path on CUDA"

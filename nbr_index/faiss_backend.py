@@ -199,6 +199,7 @@ def exact_knn_of_rows(source: FeatureSource, rows: torch.Tensor, k: int) -> tupl
     best_values = torch.full((m, k), -math.inf)
     best_indices = torch.full((m, k), n, dtype=torch.int64)
     query_rows, db_rows = min(EXACT_QUERY_ROWS, m), min(EXACT_DB_ROWS, n)
+    queries = _zero_padded(queries, math.ceil(m / query_rows) * query_rows)   # once, not per database tile
     for d_start in range(0, n, source.read_rows):
         database = source.read(d_start, min(d_start + source.read_rows, n)).cpu()
         for c_start in range(0, database.shape[0], db_rows):
@@ -207,7 +208,7 @@ def exact_knn_of_rows(source: FeatureSource, rows: torch.Tensor, k: int) -> tupl
             first_column = d_start + c_start
             for q_start in range(0, m, query_rows):
                 q_stop = min(q_start + query_rows, m)
-                similarity = (_zero_padded(queries[q_start:q_stop], query_rows) @ block.T)[: q_stop - q_start, :columns_here]
+                similarity = (queries[q_start:q_start + query_rows] @ block.T)[: q_stop - q_start, :columns_here]
                 own_rows = rows[q_start:q_stop]
                 own = (own_rows >= first_column) & (own_rows < first_column + columns_here)
                 similarity[own.nonzero().flatten(), own_rows[own] - first_column] = -math.inf
@@ -246,7 +247,7 @@ def _as_numpy(rows: torch.Tensor) -> np.ndarray:
 
 
 def _gpu_resources(faiss):
-    if not (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0):
+    if not faiss_gpu_available():
         raise BackendUnavailableError(
             "backend faiss on cuda needs faiss-gpu (pip install faiss-gpu-cu12); "
             "or use --backend torch (the fastest exact path on CUDA)"

@@ -68,6 +68,11 @@ class RebuildResult:
         return {"round": self.round, "published": self.published, "anchors": self.anchors, **self.attrs}
 
 
+
+def store_curriculum(store: Store) -> dict:
+    """{"rounds", "k", "tau", "mode"}: what the trainer recorded in the store, defaults for the rest."""
+    return {**DEFAULT_CURRICULUM, **(store.info.curriculum or {})}
+
 def rebuild(
     store: Store,
     round: int,
@@ -90,7 +95,7 @@ def rebuild(
     missing/incomplete/invalid, or an unavailable backend/device.
     """
     started = time.perf_counter()
-    curriculum = {**DEFAULT_CURRICULUM, **(store.info.curriculum or {})}
+    curriculum = store_curriculum(store)
     rounds = curriculum["rounds"] if rounds is None else rounds
     k = curriculum["k"] if k is None else k
     tau = float(curriculum["tau"] if tau is None else tau)

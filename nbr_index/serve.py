@@ -19,7 +19,7 @@ from storage import Store, StoreError
 
 from .errors import InvalidParameterError, RebuildCancelled
 from .progress import StderrProgress
-from .rebuild import DEFAULT_CURRICULUM, rebuild
+from .rebuild import rebuild, store_curriculum
 
 log = logging.getLogger("nbr_index.serve")
 
@@ -121,7 +121,7 @@ def _wait_for_store(url: str, poll_seconds: float, wait: bool, stop: threading.E
 
 
 def _last_round(store: Store, until_round: int | None, rounds: int | None) -> int:
-    total = rounds or (store.info.curriculum or DEFAULT_CURRICULUM)["rounds"]
+    total = rounds or store_curriculum(store)["rounds"]
     last = total if until_round is None else until_round
     if not 1 <= last <= total:
         raise InvalidParameterError(f"--until-round must be in 1..{total} (the curriculum's R), got {last}")
