@@ -172,16 +172,15 @@ def test_augment_is_reproducible_from_its_generator():
 def test_a_rank_augments_its_share_of_a_global_batch_as_one_process_does():
     spec = A.AugmentSpec(size=8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     x = (_images(12, 8) * 255).to(torch.uint8)
-    whole = A.augment(x, spec, torch.Generator().manual_seed(3))
+    whole_gen = torch.Generator().manual_seed(3)
+    whole = A.augment(x, spec, whole_gen)
     for world_size in (2, 3, 4):
         for rank in range(world_size):
             gen = torch.Generator().manual_seed(3)
             share = A.augment(x[rank::world_size], spec, gen, rank=rank, world_size=world_size)
             assert torch.equal(share, whole[rank::world_size])
             # and the generator moves on exactly as the one-process run's does
-            ref = torch.Generator().manual_seed(3)
-            A.augment(x, spec, ref)
-            assert torch.equal(gen.get_state(), ref.get_state())
+            assert torch.equal(gen.get_state(), whole_gen.get_state())
 
 
 def test_prepare_eval_only_normalises_at_native_size():

@@ -4,26 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-ROOT = Path(__file__).resolve().parents[1]
+from trainer.distributed import free_port
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, cfg_dict: dict, out: str) -> None:
-    sys.path.insert(0, str(ROOT))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     import trainer.loop as loop
@@ -49,7 +40,7 @@ def test_two_ranks_keep_identical_memory_banks_and_share_the_store(tmp_path):
     from trainer.config import TrainConfig, resolve
 
     cfg = resolve(TrainConfig(rounds=2, epochs_per_round=1, run_dir=str(tmp_path / "run"), seed=5))
-    mp.spawn(_worker, args=(2, _free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2, join=True)
 
     for r in range(3):
         a = torch.load(tmp_path / f"bank-rank0-round{r}.pt")
@@ -73,7 +64,6 @@ def test_two_ranks_keep_identical_memory_banks_and_share_the_store(tmp_path):
 # ---------------------------------------------------------------- batch norm over the global batch
 
 def _global_bn_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    sys.path.insert(0, str(ROOT))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     from trainer.global_bn import convert_to_global_bn
@@ -106,7 +96,7 @@ def test_global_batch_norm_on_gloo_equals_batch_norm_on_the_whole_batch(tmp_path
     """Each of 3 ranks holds every third image; the statistics, input gradients, summed parameter
     gradients and running statistics equal torch's BatchNorm2d on all 12 images."""
     world_size = 3
-    mp.spawn(_global_bn_worker, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size, join=True)
+    mp.spawn(_global_bn_worker, args=(world_size, free_port(), str(tmp_path)), nprocs=world_size, join=True)
     x, weights, bn = _bn_problem()
     x = x.clone().requires_grad_(True)
     out = bn(x)
@@ -126,7 +116,6 @@ def test_global_batch_norm_on_gloo_equals_batch_norm_on_the_whole_batch(tmp_path
 # ---------------------------------------------------------------- W ranks compute the one-process run
 
 def _one_epoch_worker(rank: int, world_size: int, port: int, cfg_dict: dict, out: str) -> None:
-    sys.path.insert(0, str(ROOT))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     from trainer.config import TrainConfig
@@ -155,10 +144,15 @@ def test_two_ranks_train_the_same_network_as_one_process(tmp_path):
         return resolve(TrainConfig(method="instance", rounds=1, epochs_per_round=1, run_dir=str(tmp_path / name),
                                    seed=3, sync_bn=sync_bn))
 
-    torch.set_num_threads(1)
-    train(config("w1"), World.single(), log=lambda _: None)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)                  # as in the workers; restored for the tests after this one
+    try:
+        train(config("w1"), World.single(), log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
     for name, sync_bn in (("w2", True), ("w2-local-bn", False)):
-        mp.spawn(_one_epoch_worker, args=(2, _free_port(), config(name, sync_bn).to_dict(), str(tmp_path)),
+        mp.spawn(_one_epoch_worker, args=(2, free_port(), config(name, sync_bn).to_dict(), str(tmp_path)),
                  nprocs=2, join=True)
 
     torch.manual_seed(3)
