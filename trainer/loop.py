@@ -231,21 +231,25 @@ def train_one_epoch(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer
             "seconds": round(seconds, 2)}
 
 
+def network_forward(model: torch.nn.Module, images: torch.Tensor, precision: str) -> torch.Tensor:
+    """model(images) as float32: images (b, 3, S, S) -> (b, out). On CUDA the images go
+    channels-last (NHWC convolutions use the tensor cores without layout transposes); with
+    precision "bf16" the network runs under autocast, and what follows (loss, bank) stays float32."""
+    if images.device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        return model(images).float()
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, memory: torch.Tensor,
                images: torch.Tensor, indices: torch.Tensor, curriculum: Curriculum, cfg: TrainConfig,
                world: World) -> torch.Tensor:
     """One optimisation step on this rank's batch, then the memory-bank update of every rank's.
 
     images (b, 3, S, S) float32 augmented; indices (b,) int64 dataset rows; memory (N, d), updated
-    in place. Returns the batch's mean loss (a detached scalar). On CUDA the images go
-    channels-last (NHWC convolutions use the tensor cores without layout transposes); with
-    cfg.precision "bf16" the network runs under autocast while loss and bank stay float32.
+    in place. Returns the batch's mean loss (a detached scalar).
     """
-    if images.device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        features = model(images)
-    features = features.float()                                          # (b, d), unit rows
+    features = network_forward(model, images, cfg.precision)            # (b, d), unit rows
     loss = and_loss(features, memory, indices, curriculum.anchor, curriculum.neighbours, cfg.tau)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

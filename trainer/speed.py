@@ -32,7 +32,7 @@ BLOCKS = 3
 def step_speed(arch: str = "smallcnn", size: int = 32, batch: int = 128, n: int = 50000, steps: int = 20,
                device: str = "cpu", precision: str = "fp32", compile: bool = False) -> dict:
     """{"supervised": images/s, "AND": images/s, "ratio": AND / supervised}."""
-    from trainer.loop import Curriculum, train_step
+    from trainer.loop import Curriculum, network_forward, train_step
 
     dev = torch.device(device)
     cfg = TrainConfig(precision=precision)
@@ -61,12 +61,8 @@ def step_speed(arch: str = "smallcnn", size: int = 32, batch: int = 128, n: int 
     index_gen = torch.Generator().manual_seed(5)
 
     def supervised_step():
-        x = augment(images, spec, aug_gen)
-        if dev.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits = supervised_model(x)
-        loss = F.cross_entropy(logits.float(), labels)
+        logits = network_forward(supervised_model, augment(images, spec, aug_gen), precision)
+        loss = F.cross_entropy(logits, labels)
         supervised_opt.zero_grad(set_to_none=True)
         loss.backward()
         supervised_opt.step()
