@@ -37,14 +37,31 @@ def one_thread_and_restored_determinism():
 
 # ---------------------------------------------------------------- schedule
 
-def test_lr_schedule_of_a_paper_round_200_epochs():
-    lrs = {e: lr_at(e, 200, 0.03) for e in (0, 79, 80, 119, 120, 159, 160, 199)}
+def step_policy(epoch: int, base_lr: float = 0.03, offset: int = 80, step: int = 40, rate: float = 0.1) -> float:
+    """The authors' released StepPolicy.update (Raymond-sci/AND packages/lr_policy/step.py) with
+    base.yaml's lr_decay_offset 80, lr_decay_step 40, lr_decay_rate 0.1."""
+    if epoch < offset:
+        return base_lr
+    return base_lr * (rate ** ((epoch - offset) // step))
+
+
+def test_default_lr_schedule_equals_the_released_step_policy_epoch_by_epoch():
+    cfg = TrainConfig()
+    ours = [lr_at(e, 200, cfg.lr, cfg.lr_milestones, cfg.lr_gamma) for e in range(200)]
+    assert ours == pytest.approx([step_policy(e) for e in range(200)], rel=1e-12)
+    assert lr_at(119, 200, 0.03) == 0.03 and lr_at(120, 200, 0.03) == pytest.approx(3e-3)
+
+
+def test_lr_schedule_of_the_papers_text_200_epochs():
+    lrs = {e: lr_at(e, 200, 0.03, (0.4, 0.6, 0.8)) for e in (0, 79, 80, 119, 120, 159, 160, 199)}
     assert lrs == pytest.approx({0: 0.03, 79: 0.03, 80: 0.003, 119: 0.003, 120: 3e-4, 159: 3e-4,
                                  160: 3e-5, 199: 3e-5})
 
 
 def test_lr_schedule_scales_to_short_rounds():
-    assert [lr_at(e, 10, 0.03) for e in range(10)] == pytest.approx([0.03] * 4 + [3e-3] * 2 + [3e-4] * 2 + [3e-5] * 2)
+    assert [lr_at(e, 10, 0.03, (0.4, 0.6, 0.8)) for e in range(10)] == pytest.approx(
+        [0.03] * 4 + [3e-3] * 2 + [3e-4] * 2 + [3e-5] * 2)
+    assert [lr_at(e, 10, 0.03) for e in range(10)] == pytest.approx([0.03] * 6 + [3e-3] * 2 + [3e-4] * 2)
     assert [lr_at(e, 1, 0.03) for e in range(1)] == pytest.approx([0.03])
     # The authors' StepPolicy reading (first decay at 120 of 200): milestones 0.6, 0.8.
     assert [lr_at(e, 200, 0.03, (0.6, 0.8)) for e in (119, 120, 160)] == pytest.approx([0.03, 3e-3, 3e-4])
@@ -167,10 +184,17 @@ def test_short_digits_run_writes_a_well_formed_summary(tmp_path, method, anchors
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
     assert [r["anchors"] for r in summary["rounds"]] == anchors
     for row in summary["rounds"]:
-        assert set(row) == {"round", "knn_top1", "anchors", "consistency", "seconds"}
+        assert set(row) == {"round", "knn_top1", "best_epoch_knn_top1", "best_epoch", "anchors", "consistency",
+                            "seconds"}
         assert isinstance(row["knn_top1"], float) and row["seconds"] > 0
         assert (row["consistency"] is None) == (row["anchors"] == 0)
+        # One epoch per round: its last epoch is its best.
+        assert (row["best_epoch"], row["best_epoch_knn_top1"]) == (0, row["knn_top1"])
     assert summary["final_knn_top1"] == summary["rounds"][-1]["knn_top1"] > 10.0     # 10 classes: chance is 10%
+    # Every epoch is evaluated (the released recipe), and the best one is labelled as such.
+    assert [e["knn_top1"] for e in summary["epochs"]] == [r["knn_top1"] for r in summary["rounds"]]
+    best = max(summary["rounds"], key=lambda r: (r["knn_top1"], r["round"]))
+    assert summary["best_epoch"] == {"round": best["round"], "epoch": 0, "knn_top1": best["knn_top1"]}
     for png in ("knn_per_round.png", "consistency_per_round.png", "entropy_per_round.png"):
         assert (run / png).stat().st_size > 1000
     from storage import Store

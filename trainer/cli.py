@@ -28,7 +28,7 @@ FLAG_HELP = {
     "data_root": "torchvision root (cifar10/cifar100/svhn) or a folder with train/<class>/ and test/<class>/ (imagefolder)",
     "download": "let torchvision download cifar10/cifar100/svhn (needs network)",
     "image_size": "input side in px; default: native for small sets, 224 for large image folders",
-    "hflip": "random horizontal flip in the augmentation",
+    "hflip": "random horizontal flip in the augmentation (off in the authors' released CIFAR configs)",
     "workers": "DataLoader workers for large-image folders",
     "arch": f"{' | '.join(ARCHS)}",
     "dim": "feature dimension of the head and memory bank",
@@ -54,7 +54,8 @@ FLAG_HELP = {
     "weight_decay": "SGD weight decay",
     "knn_k": "neighbours K of the weighted kNN evaluation",
     "knn_sigma": "kNN vote weight exp(s / sigma)",
-    "eval_every": "also evaluate kNN every N epochs within a round (0: at round ends only)",
+    "eval_every": "evaluate kNN every N epochs within a round, as the authors' code does after every epoch "
+                  "(0: at round ends only); summary.json keeps the last and, labelled, the best epoch",
     "eval_recompute": "evaluate kNN against recomputed train features instead of the memory bank",
     "index": "inline: rebuild neighbourhoods in-process; service: wait for `nbr-index serve` to publish them",
     "index_timeout": "seconds to wait for a published neighbourhood round (--index service)",

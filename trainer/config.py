@@ -37,7 +37,7 @@ class TrainConfig:
     data_root: str | None = None         # torchvision root (cifar*, svhn) or DIR with train/ and test/
     download: bool = False               # let torchvision download cifar*/svhn (needs network)
     image_size: int | None = None        # None: native size for small sets, 224 for large image folders
-    hflip: bool = True                   # RandomHorizontalFlip in the augmentation
+    hflip: bool = False                  # RandomHorizontalFlip (off in the authors' released CIFAR configs)
     workers: int = 4                     # DataLoader workers (large-image imagefolder only)
     # model
     arch: str = "smallcnn"               # smallcnn | resnet18 | resnet50 | alexnet
@@ -55,7 +55,8 @@ class TrainConfig:
     batch_size: int = 128                # global batch; each of W ranks takes batch_size / W
     sync_bn: bool = True                 # W > 1: batch norm over the global batch (W ranks = one process)
     lr: float = 0.03
-    lr_milestones: list[float] = field(default_factory=lambda: [0.4, 0.6, 0.8])  # fractions of a round
+    # x lr_gamma at these fractions of a round: the released StepPolicy (epochs 120 and 160 of 200)
+    lr_milestones: list[float] = field(default_factory=lambda: [0.6, 0.8])
     lr_gamma: float = 0.1
     momentum: float = 0.9
     nesterov: bool = True
@@ -63,7 +64,7 @@ class TrainConfig:
     # evaluation
     knn_k: int = 200
     knn_sigma: float = 0.1               # vote weight exp(s / sigma); 0.1 in the code, 0.07 in the paper text
-    eval_every: int = 0                  # also evaluate kNN every N epochs inside a round (0: round ends only)
+    eval_every: int = 1                  # kNN every N epochs inside a round (0: round ends only); the code: 1
     eval_recompute: bool = False         # kNN against recomputed (unaugmented) train features, not the bank
     # neighbourhood index
     index: str = "inline"                # inline: rebuild in-process; service: wait for `nbr-index serve`

@@ -73,7 +73,7 @@ class ImageDataset:
     image_size: int          # side S of the images the model sees
     mean: tuple
     std: tuple
-    hflip: bool = True
+    hflip: bool = False
     workers: int = 4
 
     @property
@@ -179,7 +179,7 @@ class _FileInstances(torch.utils.data.Dataset):
         return image, int(self.split.labels[index]), index
 
 
-def folder_transform(size: int, mean, std, train: bool, hflip: bool = True):
+def folder_transform(size: int, mean, std, train: bool, hflip: bool = False):
     """torchvision transforms for streamed images: the paper's augmentation for training,
     resize (size * 256 / 224) + centre crop for evaluation."""
     from torchvision import transforms as T
@@ -341,7 +341,7 @@ def load_image_folder(root: str, image_size: int | None) -> tuple[Split, Split, 
 
 
 def load_dataset(name: str, data_root: str | None = None, download: bool = False, image_size: int | None = None,
-                 hflip: bool = True, workers: int = 4) -> ImageDataset:
+                 hflip: bool = False, workers: int = 4) -> ImageDataset:
     """Load a dataset by name (see module docstring). Raises DataError (one line) when it cannot."""
     stats = None
     if name == "digits":

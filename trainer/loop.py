@@ -141,13 +141,19 @@ def train(cfg: TrainConfig, world: World, resume: bool = False,
         # ---- end of round: publish the memory bank for the next rebuild, evaluate
         write_feature_snapshot(store, r, memory, world)
         knn = evaluate_knn(model, memory, data, cfg, world)
-        rows.append({"round": r, "knn_top1": knn, "anchors": curriculum.anchors,
-                     "consistency": curriculum.consistency, "seconds": round(time.perf_counter() - clock, 2)})
-        say(f"round {r} done: kNN top-1 {knn:.2f}%  ({rows[-1]['seconds']:.1f}s)")
+        if history and history[-1]["round"] == r:   # the round's last epoch row gets its kNN too
+            history[-1]["knn_top1"] = knn
+        best = report.best_epoch(history, r)
+        rows.append({"round": r, "knn_top1": knn, "best_epoch_knn_top1": best["knn_top1"], "best_epoch": best["epoch"],
+                     "anchors": curriculum.anchors, "consistency": curriculum.consistency,
+                     "seconds": round(time.perf_counter() - clock, 2)})
+        say(f"round {r} done: kNN top-1 {knn:.2f}% (best epoch {best['epoch'] + 1}: {best['knn_top1']:.2f}%)  "
+            f"({rows[-1]['seconds']:.1f}s)")
         _save(world, ckpt, cfg, model, optimizer, memory, r + 1, 0, rows, history, 0.0)
 
     # ---- report
-    summary = {"config": cfg.to_dict(), "rounds": rows, "final_knn_top1": rows[-1]["knn_top1"] if rows else None}
+    summary = {"config": cfg.to_dict(), "rounds": rows, "final_knn_top1": rows[-1]["knn_top1"] if rows else None,
+               "best_epoch": report.best_epoch(history), "epochs": history}
     if world.is_main:
         say(report.round_table(rows))
         trained = [h for h in history if h.get("images_per_s")]
@@ -156,7 +162,7 @@ def train(cfg: TrainConfig, world: World, resume: bool = False,
                  "world_size": world.world_size,
                  "mean_images_per_s": round(float(np.mean([h["images_per_s"] for h in trained])), 1) if trained else None,
                  "seconds_this_process": round(time.perf_counter() - run_start, 1),
-                 "epochs": history}
+                 "best_epoch": summary["best_epoch"], "epochs": history}
         path = report.write_summary(cfg.run_dir, cfg.to_dict(), rows, extra)
         report.save_plots(cfg.run_dir, rows, published_entropies(store, cfg))
         say(f"summary: {path}")

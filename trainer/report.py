@@ -2,9 +2,15 @@
 
 summary.json:
     config          the full resolved TrainConfig
-    rounds          [{round, knn_top1, anchors, consistency, seconds}]; knn_top1 and consistency in
-                    percent, consistency null where a round has no anchors
-    final_knn_top1  kNN top-1 (percent) after the last round
+    rounds          [{round, knn_top1, best_epoch_knn_top1, best_epoch, anchors, consistency, seconds}];
+                    knn_top1 is the round's last epoch, best_epoch_knn_top1 its best evaluated epoch
+                    (0-based ``best_epoch``); kNN and consistency in percent, consistency null where a
+                    round has no anchors
+    final_knn_top1  kNN top-1 (percent) after the last epoch of the last round: the number to compare
+    best_epoch      {round, epoch, knn_top1} of the best evaluated epoch of the run: what the authors'
+                    code keeps (it evaluates after every epoch and saves the best); labelled, since
+                    picking the best of many test evaluations flatters it
+    epochs          [{round, epoch, lr, loss, images_per_s, seconds, knn_top1 where evaluated}]
     plus dataset facts (n_train, n_test, num_classes), mean training images/s and wall seconds.
 """
 from __future__ import annotations
@@ -17,12 +23,27 @@ import numpy as np
 
 def round_table(rows: list[dict]) -> str:
     """The per-round table as text."""
-    lines = [f"{'round':>5}  {'kNN top-1':>9}  {'anchors':>8}  {'consistency':>11}  {'seconds':>8}"]
+    lines = [f"{'round':>5}  {'kNN top-1':>9}  {'best epoch':>10}  {'anchors':>8}  {'consistency':>11}  {'seconds':>8}"]
     for row in rows:
         cons = "-" if row.get("consistency") is None else f"{row['consistency']:.1f}%"
-        lines.append(f"{row['round']:>5}  {row['knn_top1']:>8.2f}%  {row['anchors']:>8d}  {cons:>11}  "
+        best = row.get("best_epoch_knn_top1")
+        best = "-" if best is None else f"{best:.2f}%"
+        lines.append(f"{row['round']:>5}  {row['knn_top1']:>8.2f}%  {best:>10}  {row['anchors']:>8d}  {cons:>11}  "
                      f"{row['seconds']:>8.1f}")
     return "\n".join(lines)
+
+
+def best_epoch(history: list[dict], round: int | None = None) -> dict:
+    """{round, epoch, knn_top1} of the evaluated epoch with the highest kNN (of ``round`` only, if
+    given); a tie goes to the later epoch, as the authors' ``acc >= best_acc``. history rows are
+    the ``epochs`` of summary.json. All None when no epoch was evaluated."""
+    best = {"round": None, "epoch": None, "knn_top1": None}
+    for row in history:
+        if row.get("knn_top1") is None or (round is not None and row["round"] != round):
+            continue
+        if best["knn_top1"] is None or row["knn_top1"] >= best["knn_top1"]:
+            best = {"round": row["round"], "epoch": row["epoch"], "knn_top1": row["knn_top1"]}
+    return best
 
 
 def write_summary(run_dir: str, config: dict, rows: list[dict], extra: dict | None = None) -> str:
