@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -40,7 +41,10 @@ from dataclasses import dataclass, field
 import click
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_TARBALL = os.path.join(os.path.dirname(ROOT), "shared", "data", "cifar10-jpg.tar.gz")
+# The CIFAR-10 JPEGs: ../shared/data beside the checkout, or a copy in .data/ (how a device run
+# gets them: carried, since ../shared does not travel).
+TARBALLS = (os.path.join(os.path.dirname(ROOT), "shared", "data", "cifar10-jpg.tar.gz"),
+            os.path.join(ROOT, ".data", "cifar10-jpg.tar.gz"))
 IMPLEMENTATIONS = ("project", "reference")
 METHODS = ("and", "instance", "and-oneoff")
 
@@ -77,12 +81,13 @@ def ensure_data(protocol: Protocol, data_dir: str, log) -> str | None:
         return None
     full = os.path.join(data_dir, "cifar10")
     if not os.path.isdir(os.path.join(full, "test")):
-        if not os.path.isfile(SHARED_TARBALL):
-            raise click.ClickException(f"{protocol.name} needs {SHARED_TARBALL} (the shared CIFAR-10 JPEGs), "
-                                       f"or pass --data-dir holding cifar10/train and cifar10/test")
-        log(f"unpacking {SHARED_TARBALL} into {full} ...")
-        os.makedirs(full + ".partial", exist_ok=True)
-        with tarfile.open(SHARED_TARBALL) as tar:
+        tarball = next((t for t in TARBALLS if os.path.isfile(t)), None)
+        if tarball is None:
+            raise click.ClickException(f"{protocol.name} needs the CIFAR-10 JPEGs: {' or '.join(TARBALLS)}, "
+                                       f"or --data-dir holding cifar10/train and cifar10/test")
+        log(f"unpacking {tarball} into {full} ...")
+        shutil.rmtree(full + ".partial", ignore_errors=True)
+        with tarfile.open(tarball) as tar:
             tar.extractall(full + ".partial", filter="data")
         os.replace(full + ".partial", full)
     if protocol.data == "cifar10":
@@ -91,6 +96,7 @@ def ensure_data(protocol: Protocol, data_dir: str, log) -> str | None:
     if not os.path.isdir(os.path.join(subset, "test")):
         # The first 1,000 training images of each class by sorted file name; the whole test set.
         partial = subset + ".partial"
+        shutil.rmtree(partial, ignore_errors=True)
         for name in sorted(os.listdir(os.path.join(full, "train"))):
             os.makedirs(os.path.join(partial, "train", name), exist_ok=True)
             for file in sorted(os.listdir(os.path.join(full, "train", name)))[:1000]:

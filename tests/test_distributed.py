@@ -34,7 +34,7 @@ def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def _checkpoint(run_dir: Path) -> dict:
-    return torch.load(run_dir / "checkpoint.pt", weights_only=False, map_location="cpu")
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True, map_location="cpu")
 
 
 def _worker_pids(launcher_pid: int) -> list[int]:

@@ -205,7 +205,7 @@ def test_short_digits_run_writes_a_well_formed_summary(tmp_path, method, anchors
     from trainer.data import load_dataset
 
     assert store.read_labels().tolist() == load_dataset("digits").train.labels.tolist()
-    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert (ckpt["round"], ckpt["epoch"], ckpt["config"]["method"]) == (3, 0, method)
     assert not any(k.startswith("module.") for k in ckpt["model"])
     # The final memory bank is the last snapshot in the store.
@@ -241,8 +241,8 @@ def test_a_compiled_run_trains_like_the_eager_one(tmp_path):
         cfg = resolve(TrainConfig(method="instance", rounds=1, epochs_per_round=1, compile=compiled,
                                   run_dir=str(tmp_path / name)))
         summaries[name] = train(cfg, World.single(), log=lambda _: None)
-    eager = torch.load(tmp_path / "eager" / "checkpoint.pt", weights_only=False)
-    compiled = torch.load(tmp_path / "compiled" / "checkpoint.pt", weights_only=False)
+    eager = torch.load(tmp_path / "eager" / "checkpoint.pt", weights_only=True)
+    compiled = torch.load(tmp_path / "compiled" / "checkpoint.pt", weights_only=True)
     assert compiled["model"].keys() == eager["model"].keys()
     assert compiled["config"]["compile"] is True
     losses = [[h["loss"] for h in ckpt["history"]] for ckpt in (eager, compiled)]
@@ -267,7 +267,7 @@ def _trainer(*args):
 
 def _checkpoint_round_epoch(path: Path):
     try:
-        state = torch.load(path, weights_only=False, map_location="cpu")
+        state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception:
         return None
     return state["round"], state["epoch"]
@@ -292,8 +292,8 @@ def test_resume_after_sigkill_gives_the_uninterrupted_result(tmp_path):
     assert not (killed / "summary.json").exists(), "killed too late: the run had finished"
 
     subprocess.run(_trainer("--run-dir", str(killed), "--resume"), env=ENV, check=True, capture_output=True, timeout=300)
-    a = torch.load(whole / "checkpoint.pt", weights_only=False)
-    b = torch.load(killed / "checkpoint.pt", weights_only=False)
+    a = torch.load(whole / "checkpoint.pt", weights_only=True)
+    b = torch.load(killed / "checkpoint.pt", weights_only=True)
     assert torch.equal(a["memory"], b["memory"])
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (whole, killed))
@@ -330,7 +330,7 @@ def test_service_mode_with_nbr_index_serve_matches_the_inline_run(tmp_path):
     inline = subprocess.run(_trainer(*args, "--run-dir", str(tmp_path / "inline")), env=ENV,
                             capture_output=True, text=True, timeout=300)
     assert inline.returncode == 0, inline.stderr
-    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in ("service", "inline"))
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("service", "inline"))
     assert torch.equal(a["memory"], b["memory"])
     def without_seconds(rows):
         return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]

@@ -56,7 +56,7 @@ def test_two_ranks_keep_identical_memory_banks_and_share_the_store(tmp_path):
     assert store.complete_feature_rounds() == [0, 1, 2] and store.published_rounds() == [1, 2]
     final = torch.load(tmp_path / "bank-rank0-round2.pt")
     assert torch.equal(torch.from_numpy(store.feature_reader(2).read_all()), final)
-    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and torch.equal(ckpt["memory"], final)
     assert not any(k.startswith("module.") for k in ckpt["model"])
 
@@ -159,11 +159,11 @@ def test_two_ranks_train_the_same_network_as_one_process(tmp_path):
     from trainer.models import build_model
 
     start = build_model("smallcnn", 8, 128).state_dict()
-    one = torch.load(tmp_path / "w1" / "checkpoint.pt", weights_only=False)
+    one = torch.load(tmp_path / "w1" / "checkpoint.pt", weights_only=True)
 
     def largest_relative_gap(name: str) -> float:
         """max over weights of |W=2 - W=1| / |W=1 - start| (integer buffers must be equal)."""
-        other = torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)
+        other = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
         gaps = []
         for key, value in one["model"].items():
             if not value.is_floating_point():
@@ -175,5 +175,5 @@ def test_two_ranks_train_the_same_network_as_one_process(tmp_path):
 
     assert largest_relative_gap("w2") <= 3e-2
     assert largest_relative_gap("w2-local-bn") >= 0.1
-    two = torch.load(tmp_path / "w2" / "checkpoint.pt", weights_only=False)
+    two = torch.load(tmp_path / "w2" / "checkpoint.pt", weights_only=True)
     torch.testing.assert_close(two["memory"], one["memory"], rtol=0, atol=1e-3)

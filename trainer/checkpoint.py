@@ -20,6 +20,7 @@ renamed, so a kill never leaves a torn checkpoint):
 from __future__ import annotations
 
 import os
+import pickle
 
 import torch
 
@@ -40,14 +41,50 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.replace(tmp, path)
 
 
+# What every checkpoint holds (the module docstring); a file without one of these cannot resume.
+REQUIRED_KEYS = ("config", "round", "epoch", "model", "optimizer", "memory", "rounds", "history",
+                 "round_seconds", "rng")
+
+
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
+    """The checkpoint at ``path`` as a dict, read with ``weights_only=True``: tensors, numbers,
+    strings, lists and dicts only, so a shared checkpoint cannot run code when it is loaded.
+    A missing, torn, foreign or code-carrying file, or one without a REQUIRED_KEYS entry, is a
+    one-line TrainerError."""
     if not os.path.isfile(path):
         raise TrainerError(f"no checkpoint at {path}: --resume needs the --run-dir of an earlier run")
     try:
         # mmap: tensors are read when used, so reading only the config (--resume) stays cheap
-        state = torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise TrainerError(f"refusing to load {path}: it holds objects other than tensors, numbers, strings, "
+                           f"lists and dicts (loading it could run code); use a checkpoint written by "
+                           f"`trainer run`") from None
     except Exception as err:  # a torn or foreign file: one line
         raise TrainerError(f"cannot read checkpoint {path}: {type(err).__name__}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise TrainerError(f"{path} is not a trainer checkpoint (format {FORMAT})")
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        raise TrainerError(f"checkpoint {path} lacks {', '.join(missing)}: it was not written by `trainer run` "
+                           f"(or is damaged); start a fresh run")
     return state
+
+
+def restore(state: dict, path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            memory: torch.Tensor) -> None:
+    """Load a checkpoint's model, optimizer and memory bank (N, d) into this run's, in place; a
+    checkpoint whose shapes do not fit them is a one-line TrainerError, before anything changes."""
+    saved = tuple(state["memory"].shape)
+    if saved != tuple(memory.shape):
+        raise TrainerError(f"checkpoint {path} holds a memory bank of {saved[0]} x {saved[1:]} but this run needs "
+                           f"{memory.shape[0]} x {memory.shape[1]}: resume with the run's own data and dim")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()
+        detail = next((line.strip() for line in first[1:] if line.strip()), first[0] if first else type(err).__name__)
+        raise TrainerError(f"checkpoint {path} does not fit this run's model ({detail}): "
+                           f"resume with the run's own --arch and dim") from None
+    memory.copy_(state["memory"].to(memory.device))

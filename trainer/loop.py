@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trainer.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from trainer.checkpoint import checkpoint_path, load_checkpoint, restore, save_checkpoint
 from trainer.config import TrainConfig, save_config, validate, validate_for_data
 from trainer.data import ImageDataset, load_dataset
 from trainer.errors import TrainerError
@@ -46,6 +46,10 @@ WAIT_NOTE_S = 30.0
 
 class IndexTimeout(TrainerError):
     """No neighbourhood round was published in time (``--index service``)."""
+
+
+class Diverged(TrainerError):
+    """A training step's loss was NaN or infinite."""
 
 
 @dataclass
@@ -92,9 +96,7 @@ def train(cfg: TrainConfig, world: World, resume: bool = False,
     check_run_dir(cfg, resume)
     if resume:
         state = load_checkpoint(ckpt)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        memory.copy_(state["memory"].to(device))
+        restore(state, ckpt, model, optimizer, memory)
         torch.set_rng_state(state["rng"]["torch"])
         start_round, start_epoch = state["round"], state["epoch"]
         rows, history, round_seconds = state["rounds"], state["history"], state["round_seconds"]
@@ -211,7 +213,8 @@ def check_run_dir(cfg: TrainConfig, resume: bool) -> None:
 def train_one_epoch(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer, memory: torch.Tensor,
                     data: ImageDataset, curriculum: Curriculum, cfg: TrainConfig, world: World,
                     r: int, epoch: int, say: Callable[[str], None]) -> dict:
-    """One epoch over this rank's shard. Returns {loss, images_per_s, seconds} over all ranks."""
+    """One epoch over this rank's shard. Returns {loss, images_per_s, seconds} over all ranks; raises
+    Diverged (on every rank, before anything of the epoch is saved) if a step's loss was not finite."""
     ddp_model.train()
     device = world.device
     batches = epoch_batches(len(data.train), cfg.seed, r, epoch, world.rank, world.world_size, cfg.batch_size)
@@ -220,11 +223,16 @@ def train_one_epoch(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer
     else:                # DataLoader workers of streamed folders draw per rank
         aug_gen = generator(cfg.seed, "augment", r, epoch, world.rank)
     loss_sum = torch.zeros((), device=device)
+    # The first step whose loss was not finite (inf: none), kept on the device: checking it every
+    # step would make a GPU wait for each step; it is checked once, after the epoch, before
+    # anything of the epoch is saved.
+    first_nonfinite = torch.full((), math.inf, device=device)
     seen = 0
     start = last_note = time.perf_counter()
     train_batches = data.train_batches(batches, aug_gen, device, world.rank, world.world_size)
     for step, (images, indices) in enumerate(train_batches):
         loss = train_step(ddp_model, optimizer, memory, images, indices, curriculum, cfg, world)
+        first_nonfinite = torch.where(torch.isfinite(loss), first_nonfinite, first_nonfinite.clamp(max=step))
         loss_sum += loss * indices.numel()
         seen += indices.numel()
         if time.perf_counter() - last_note > PROGRESS_EVERY_S:
@@ -232,6 +240,11 @@ def train_one_epoch(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer
             say(f"  round {r} epoch {epoch + 1} step {step + 1}/{len(batches)}  "
                 f"{seen * world.world_size / (last_note - start):.0f} img/s")
     totals = world.all_reduce_sum(torch.stack([loss_sum.float(), torch.tensor(float(seen), device=device)]))
+    first_bad = float(world.all_gather_cat(first_nonfinite.view(1)).min())
+    if math.isfinite(first_bad):
+        raise Diverged(f"round {r} epoch {epoch + 1} step {int(first_bad) + 1}/{len(batches)}: the loss is not "
+                       f"finite; stopped, saving nothing of this epoch (the last checkpoint, before it, stays): "
+                       f"lower --lr, or check the data for NaN or constant images")
     seconds = time.perf_counter() - start
     return {"loss": float(totals[0] / totals[1]), "images_per_s": round(float(totals[1]) / seconds, 1),
             "seconds": round(seconds, 2)}
