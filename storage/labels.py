@@ -14,7 +14,7 @@ from storage.checksums import (DIGEST_NAME, combine, from_hex, read_verified, ro
 from storage.errors import StoreError
 from storage.layout import LABELS
 from storage.location import Location
-from storage.publish import is_complete, node_attrs, publish_node, store_io
+from storage.publish import is_complete, mark_complete, node_attrs, publish_node, store_io
 from storage.validate import check_array
 
 
@@ -34,8 +34,7 @@ def write_labels(location: Location, n: int, chunk_rows: int, labels: np.ndarray
                                    attributes={"complete": False},
                                    config={"write_empty_chunks": True})
         stored[...] = labels
-        stored.attrs.update({"checksum": checksum, "digest": DIGEST_NAME,
-                             "digests": to_hex(digests), "complete": True})
+        mark_complete(location, path, {"checksum": checksum, "digest": DIGEST_NAME, "digests": to_hex(digests)})
 
     with store_io(location, "write labels"):
         publish_node(location, LABELS, write)

@@ -1,8 +1,8 @@
 """Where the store's bytes live: a local directory or an fsspec URL.
 
 Zarr reads and writes the arrays; this module does the few things zarr has no API for and the
-publishing protocol needs: list a directory, remove a node, and (local only) rename a node into
-place atomically.
+publishing protocol needs: list a directory, remove a node, make a node durable (fsync), and
+(local only) rename a node into place atomically and durably.
 """
 
 from __future__ import annotations
@@ -55,7 +55,13 @@ class Location:
         raise NotImplementedError
 
     def rename(self, src: str, dst: str) -> bool:
-        """Atomically move ``src`` to ``dst``; False (src untouched) if ``dst`` already exists."""
+        """Atomically move ``src`` to ``dst``; False (src untouched) if ``dst`` already exists.
+        Once it returns True the move survives a power loss."""
+        raise NotImplementedError
+
+    def sync(self, *paths: str) -> None:
+        """Make the files and directories at ``paths`` (each a node, or one file) durable: their
+        bytes and their directory entries reach the disk before this returns."""
         raise NotImplementedError
 
 
@@ -98,10 +104,33 @@ class LocalLocation(Location):
             if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 return False
             raise
+        # The rename is a change of the parent directory: durable once the parent is synced.
+        fsync_path(self._abs(dst).parent)
         return True
+
+    def sync(self, *paths: str) -> None:
+        for path in paths:
+            target = self._abs(path)
+            if target.is_dir():
+                # Bottom-up: files, then the directories that name them.
+                for folder, _, files in os.walk(target, topdown=False):
+                    for name in files:
+                        fsync_path(Path(folder) / name)
+                    fsync_path(Path(folder))
+            elif target.exists():
+                fsync_path(target)
 
     def __repr__(self) -> str:
         return f"LocalLocation({str(self.root)!r})"
+
+
+def fsync_path(path: Path | str) -> None:
+    """fsync one file or directory (a directory's fsync makes the names in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _ignore_missing(func, path, exc_info) -> None:
@@ -153,6 +182,10 @@ class FsspecLocation(Location):
 
     def rename(self, src: str, dst: str) -> bool:
         raise StoreError(f"store {self.url} cannot rename atomically; publish in place instead")
+
+    def sync(self, *paths: str) -> None:
+        """Nothing to do: an object store's write is durable once it returns (fsspec's
+        filesystems have no fsync; zarr's writes through them complete before returning)."""
 
     def __repr__(self) -> str:
         return f"FsspecLocation({self.url!r})"

@@ -17,7 +17,7 @@ from storage.checksums import (DIGEST_NAME, combine, from_hex, read_verified, ro
 from storage.errors import StoreError
 from storage.layout import NEIGHBOUR_ARRAYS, NEIGHBOURHOODS, neighbourhoods_path, parse_round_name
 from storage.location import Location
-from storage.publish import is_complete, node_attrs, publish_node, store_io
+from storage.publish import is_complete, mark_complete, node_attrs, publish_node, store_io
 from storage.validate import check_array, check_index_range, check_round, jsonable
 
 #: What the publisher must say about how a round was computed.
@@ -76,9 +76,8 @@ def publish_neighbourhoods(location: Location, n: int, chunk_rows: int, round: i
                                         dtype=array.dtype, fill_value=0,
                                         config={"write_empty_chunks": True})
             stored[...] = array
-        group.attrs.update({"checksum": checksum, "digest": DIGEST_NAME,
-                            "digests": {name: to_hex(digests[name]) for name in NEIGHBOUR_ARRAYS},
-                            "complete": True})   # last: this is what makes the round visible
+        mark_complete(location, path, {"checksum": checksum, "digest": DIGEST_NAME,
+                                       "digests": {name: to_hex(digests[name]) for name in NEIGHBOUR_ARRAYS}})
 
     with store_io(location, f"publish neighbourhood round {round}"):
         return publish_node(location, neighbourhoods_path(round), write)

@@ -50,12 +50,22 @@ def is_complete(location: Location, path: str) -> bool:
     return bool(attrs and attrs.get("complete") is True)
 
 
+def mark_complete(location: Location, path: str, attrs: dict) -> None:
+    """The last write of every node: its data made durable, then ``attrs`` with ``complete:
+    true`` written (what makes it visible to readers), then that marker made durable. The order
+    is what lets a reader trust ``complete`` after a power loss: never a marker before its data."""
+    location.sync(path)
+    zarr.open(location.zarr_store, path=path, mode="r+").attrs.update({**attrs, "complete": True})
+    location.sync(f"{path}/zarr.json")
+
+
 def publish_node(location: Location, final: str, write: Callable[[str], None]) -> bool:
     """Write a single-writer node with ``write(path)`` and make it visible at ``final``.
 
-    ``write`` must create the node at the path it is given with ``complete: false`` and set
-    ``complete: true`` as its very last write. Returns False, writing nothing, if ``final`` is
-    already complete (or another publisher completes it first); True if this call published it.
+    ``write`` must create the node at the path it is given with ``complete: false`` and end with
+    :func:`mark_complete`. On local disk the node is then renamed into place (durably). Returns
+    False, writing nothing, if ``final`` is already complete (or another publisher completes it
+    first); True if this call published it.
     """
     if is_complete(location, final):
         remove_stale_tmps(location, final)

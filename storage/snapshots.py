@@ -22,10 +22,10 @@ import zarr
 from storage.checksums import (DIGEST_NAME, DIGEST_SIZE, MISSING, chunk_digest, combine,
                                from_hex, read_verified, to_hex)
 from storage.errors import StoreError
-from storage.layout import (DIGESTS, FEATURES, ROWS, chunk_bounds, features_path,
+from storage.layout import (DIGESTS, FEATURES, ROWS, chunk_bounds, chunk_key, features_path,
                             features_staging_path, n_chunks, parse_round_name)
 from storage.location import Location, one_line
-from storage.publish import is_complete, node_attrs, store_io
+from storage.publish import is_complete, mark_complete, node_attrs, store_io
 from storage.validate import check_array, check_rank, check_round
 
 
@@ -85,6 +85,9 @@ def write_feature_chunks(location: Location, n: int, dim: int, chunk_rows: int, 
             block = bank[start:stop]
             rows[start:stop] = block
             digests[chunk] = np.frombuffer(chunk_digest(block), dtype=np.uint8)
+            # Each writer makes its own chunks durable (ranks on other machines of a shared
+            # filesystem): complete_features may then trust every digest it finds.
+            location.sync(chunk_key(f"{path}/{ROWS}", chunk, 2), chunk_key(f"{path}/{DIGESTS}", chunk, 2))
             written += 1
     return written
 
@@ -116,8 +119,7 @@ def complete_features(location: Location, round: int) -> str:
     checksum = combine(digests)
     with store_io(location, f"complete features round {round}"):
         # The digests go into the attrs too: readers verify chunks without reading `digests`.
-        group.attrs.update({"checksum": checksum, "digest": DIGEST_NAME,
-                            "digests": to_hex(digests), "complete": True})
+        mark_complete(location, path, {"checksum": checksum, "digest": DIGEST_NAME, "digests": to_hex(digests)})
         if location.is_local and not location.rename(path, final):
             # Someone completed it concurrently; theirs is the published one.
             location.remove(path)

@@ -1,7 +1,7 @@
 """Checkpoints: everything needed to continue a run to the same result, independent of world size.
 
-``<run_dir>/checkpoint.pt`` (torch.save of a dict, written by rank 0 to a temporary file and
-renamed, so a kill never leaves a torn checkpoint):
+``<run_dir>/checkpoint.pt`` (torch.save of a dict, written by rank 0 to a temporary file,
+fsynced and renamed, so neither a kill nor a power loss leaves a torn checkpoint):
 
     format       1
     config       TrainConfig.to_dict()
@@ -35,10 +35,20 @@ def checkpoint_path(run_dir: str) -> str:
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Atomically write ``state`` (see module docstring) to ``path``."""
+    """Atomically and durably write ``state`` (see module docstring) to ``path``: the bytes are
+    fsynced before the rename, the rename (the directory) after it, so neither a kill nor a power
+    loss leaves a torn or lost checkpoint once this returns."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save({"format": FORMAT, **state}, tmp)
+    with open(tmp, "wb") as fh:
+        torch.save({"format": FORMAT, **state}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 # What every checkpoint holds (the module docstring); a file without one of these cannot resume.
