@@ -114,7 +114,7 @@ def test_export_loads_back_to_the_runs_own_features_exactly(and_run, tmp_path):
     assert config["round"] == 3 and config["classes"] == data.classes
     assert saved["state_dict"].keys() == model.state_dict().keys()
 
-    for source in (out, and_run):              # an export file and the run directory itself
+    for source in (out, and_run, and_run / "checkpoint.pt"):     # an export file, the run dir, its checkpoint
         loaded = trainer.load_model(str(source), device="cpu")
         assert not loaded.training
         features = trainer.embed(loaded, data.test.images, batch_size=64)
@@ -308,6 +308,7 @@ def test_embed_shows_a_progress_bar_on_a_terminal_and_plain_lines_elsewhere(and_
     (["--run-dir", "{run}", "--data-root", "{tmp}/empty"], "holds no images"),
     (["--run-dir", "{run}", "--data-root", "{tmp}/mixed"], "holds both images and sub-folders"),
     (["--run-dir", "{run}", "--data-root", "{tmp}/mixed", "--split", "test"], "has no test/ or val/ folder"),
+    (["--run-dir", "{run}", "--data-root", "{tmp}/corrupt", "--workers", "2"], "cannot decode image"),
     (["--run-dir", "{run}", "--dataset", "digits", "--out", "{tmp}/existing.npy"], "already exists"),
     (["--run-dir", "{run}", "--dataset", "digits", "--out", "{tmp}/nowhere/x.npy"], "does not exist"),
 ])
@@ -316,6 +317,8 @@ def test_embed_bad_input_is_one_line_and_writes_nothing(and_run, tmp_path, args,
     _image_folder(tmp_path / "mixed", 2)
     _image_folder(tmp_path / "mixed" / "sub", 1)
     (tmp_path / "existing.npy").write_bytes(b"keep")
+    _image_folder(tmp_path / "corrupt", 3)
+    (tmp_path / "corrupt" / "img1.png").write_bytes(b"not a png")
     args = [a.format(tmp=tmp_path, run=and_run) for a in args]
     if "--out" not in args:
         args += ["--out", str(tmp_path / "out.npy")]

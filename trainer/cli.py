@@ -268,8 +268,7 @@ def embed_command(run_dir, model_file, dataset, data_root, split, out, round_, b
         device = load_checkpoint(checkpoint_path(run_dir))["config"]["device"] if has_checkpoint else "cpu"
     model = load_model(run_dir or model_file, device)
     source = embed_source(dataset, data_root, split, model.input_spec, workers)
-    written = write_embeddings(model, source, out, batch_size=batch_size, round=round_,
-                               log=lambda line: click.echo(line, err=True))
+    written = write_embeddings(model, source, out, batch_size=batch_size, round=round_, log=click.echo)
     for path in written:
         click.echo(f"written: {path}")
 

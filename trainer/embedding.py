@@ -129,7 +129,12 @@ class ImageSamples(torch.utils.data.Dataset):
 
 def _image_batches(samples: ImageSamples, batch_size: int, workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     loader = torch.utils.data.DataLoader(samples, batch_size=batch_size, shuffle=False, num_workers=workers)
-    yield from loader
+    try:
+        yield from loader
+    except DataError as err:
+        # From a worker process torch re-raises it with the worker's traceback in the message;
+        # its last line is "trainer.data.DataError: <the message>".
+        raise DataError(str(err).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 
 
 @dataclass
@@ -165,8 +170,6 @@ def _dataset_source(name: str, data_root: str | None, split: str, spec: InputSpe
     part = data.split(split)
     if len(part) == 0:
         raise TrainerError(f"{name} has no {split} split to embed")
-    if part.images is None:   # a streamed image folder is handled as a folder
-        raise TrainerError(f"{name} is streamed from disk: embed it with --data-root")
 
     def batches(batch_size: int):
         for start in range(0, len(part), batch_size):

@@ -141,7 +141,7 @@ def plot_knn(runs: list[RunRecord], labels: list[str], out: str) -> str:
     per_epoch.set(xlabel=f"epoch (dotted: round boundaries, every {first.epochs_per_round})",
                   ylabel="kNN top-1 (%)", title="kNN accuracy per epoch")
     per_round.set(xlabel="training round", ylabel="kNN top-1 (%)", title="kNN accuracy per round")
-    per_round.set_xticks(range(int(max(int(run.config["rounds"]) for run in runs)) + 1))
+    per_round.set_xticks(range(max(int(run.config["rounds"]) for run in runs) + 1))
     for ax in (per_epoch, per_round):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -174,7 +174,9 @@ def plot_curriculum(runs: list[RunRecord], labels: list[str], out: str) -> str:
     counts.set(xlabel="training round", ylabel="anchor neighbourhoods",
                title="Class-consistent anchor neighbourhoods (Fig 6)")
     percent.set(xlabel="training round", ylabel="consistency (%)", title="Anchor neighbourhood consistency")
+    rounds = range(1, max(int(run.config["rounds"]) for run in runs) + 1)
     for ax in (counts, percent):
+        ax.set_xticks(rounds)
         ax.grid(alpha=0.3)
     return report._save(fig, out, "curriculum.png")
 
