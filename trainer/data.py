@@ -305,9 +305,22 @@ def image_files(folder: str) -> list[str]:
     return sorted(e.path for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
 
 
-def scan_image_folder(root: str) -> tuple[list[str], dict[str, tuple[list[str], list[int]]], str | None]:
+def held_out_folder(root: str) -> str | None:
+    """The name of ``root``'s held-out split folder (test, else val), or None."""
+    return next((name for name in TEST_SPLIT_NAMES if os.path.isdir(os.path.join(root, name))), None)
+
+
+def test_split_note(root: str) -> str:
+    """What a run says about the image folder's test split."""
+    held_out = held_out_folder(root)
+    if held_out is None:
+        return f"no test/ or val/ folder in {root}: training without kNN evaluation"
+    return f"test split: {os.path.join(root, held_out)}/"
+
+
+def scan_image_folder(root: str) -> tuple[list[str], dict[str, tuple[list[str], list[int]]]]:
     """Validate DIR/train/<class>/ and the held-out DIR/test/<class>/ (or DIR/val/<class>/) and
-    list them: (classes, {split: (files, labels)}, name of the held-out folder or None).
+    list them: (classes, {"train": (files, labels), "test": (files, labels)}).
 
     Classes are the sorted sub-folders of train/ (label order); the held-out split must hold the
     same classes. Without one, its (files, labels) are empty: the run trains without kNN evaluation.
@@ -319,11 +332,11 @@ def scan_image_folder(root: str) -> tuple[list[str], dict[str, tuple[list[str], 
                         f"(and {root}/test/<class>/ or {root}/val/<class>/ for kNN evaluation)")
     classes, files, labels = list_class_images(os.path.join(root, "train"))
     found = {"train": (files, labels), "test": ([], [])}
-    held_out = next((name for name in TEST_SPLIT_NAMES if os.path.isdir(os.path.join(root, name))), None)
+    held_out = held_out_folder(root)
     if held_out is not None:
         _, files, labels = list_class_images(os.path.join(root, held_out), classes)
         found["test"] = (files, labels)
-    return classes, found, held_out
+    return classes, found
 
 
 def square_rgb(img, size: int) -> np.ndarray:
@@ -343,14 +356,13 @@ def _decode_square(path: str, size: int) -> np.ndarray:
         return square_rgb(img, size)
 
 
-def load_image_folder(root: str, image_size: int | None) -> tuple[Split, Split, list[str], int, list[str]]:
+def load_image_folder(root: str, image_size: int | None) -> tuple[Split, Split, list[str], int]:
     """Image folder: decoded into memory when its images are small (side <= 64, or --image-size
-    <= 64: each image resized to image_size x image_size), streamed from disk otherwise.
-    Returns (train, test, classes, image_size, notes): the notes say which held-out folder is the
-    test split, or that there is none."""
+    <= 64: each image resized to image_size x image_size), streamed from disk otherwise. Without
+    a test/ or val/ folder the test split is empty."""
     from PIL import Image
 
-    classes, found, held_out = scan_image_folder(root)
+    classes, found = scan_image_folder(root)
     if image_size is None:
         with Image.open(found["train"][0][0]) as first:
             side = max(first.size)
@@ -369,17 +381,13 @@ def load_image_folder(root: str, image_size: int | None) -> tuple[Split, Split, 
             splits.append(Split(label_tensor, images))
         else:
             splits.append(Split(label_tensor, files=files))
-    if held_out is None:
-        notes = [f"no test/ or val/ folder in {root}: training without kNN evaluation"]
-    else:
-        notes = [f"test split: {os.path.join(root, held_out)}/"]
-    return splits[0], splits[1], classes, image_size, notes
+    return splits[0], splits[1], classes, image_size
 
 
 def load_dataset(name: str, data_root: str | None = None, download: bool = False, image_size: int | None = None,
                  hflip: bool = True, workers: int = 4) -> ImageDataset:
     """Load a dataset by name (see module docstring). Raises DataError (one line) when it cannot."""
-    stats, notes = None, []
+    stats = None
     if name == "digits":
         train, test, classes = load_digits()
         size, source = 8, "sklearn"
@@ -395,7 +403,7 @@ def load_dataset(name: str, data_root: str | None = None, download: bool = False
         train, test, classes = load_svhn(data_root, download)
         size, source = 32, "torchvision"
     elif name == "imagefolder":
-        train, test, classes, size, notes = load_image_folder(data_root, image_size)
+        train, test, classes, size = load_image_folder(data_root, image_size)
         source = os.path.abspath(data_root)
     else:
         raise DataError(f"unknown dataset {name!r}")
@@ -405,6 +413,7 @@ def load_dataset(name: str, data_root: str | None = None, download: bool = False
     if stats is None:
         stats = channel_stats(train.images) if train.images is not None else IMAGENET_STATS
     dataset_id = f"{name}:{source}:n={len(train)}:size={size}"
+    notes = [test_split_note(data_root)] if name == "imagefolder" else []
     return ImageDataset(name=name, dataset_id=dataset_id, train=train, test=test, classes=classes,
                         image_size=size, mean=stats[0], std=stats[1], hflip=hflip, workers=workers,
                         notes=notes)

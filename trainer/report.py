@@ -85,7 +85,7 @@ def draw_entropy_histograms(ax, entropies: dict[int, np.ndarray], missing: str |
     if entropies and missing is None:
         for r in sorted(entropies):
             ax.hist(entropies[r], bins=50, histtype="step", label=f"round {r}")
-        ax.legend()
+        ax.legend(loc="upper left")   # a fixed place: "best" searches through every histogram step
     else:
         ax.text(0.5, 0.5, missing or "no neighbourhood rounds in this run", ha="center", va="center",
                 transform=ax.transAxes)
