@@ -161,6 +161,7 @@ def test_torchvision_layout_loads_strictly_into_torchvision_resnets(arch, size):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)   # two ResNet18 epochs: about 2 minutes on 2 idle cores, over 10 on busy ones
 def test_torchvision_export_of_a_real_resnet18_run(tmp_path):
     import torchvision
 
@@ -446,6 +447,8 @@ def test_tensorboard_events_hold_the_logged_scalars(and_run):
     assert [h.step for h in histograms] == [1, 2] and all(h.histogram_value.num == 1500 for h in histograms)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)   # three short runs in subprocesses
 def test_no_tensorboard_flag_and_no_tensorboard_package_write_no_events_and_train_the_same(tmp_path):
     args = ["-m", "trainer.cli", "run", "--method", "instance", "--rounds", "1", "--epochs-per-round", "1"]
     blocked = ("import sys, runpy; sys.modules['tensorboard'] = None; sys.argv = ['trainer'] + sys.argv[1:]; "
@@ -453,7 +456,7 @@ def test_no_tensorboard_flag_and_no_tensorboard_package_write_no_events_and_trai
     runs = {"with": [sys.executable, *args, "--run-dir", str(tmp_path / "with")],
             "flag": [sys.executable, *args, "--run-dir", str(tmp_path / "flag"), "--no-tensorboard"],
             "package": [sys.executable, "-c", blocked, *args[2:], "--run-dir", str(tmp_path / "package")]}
-    outputs = {name: subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    outputs = {name: subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
                for name, cmd in runs.items()}
     for name, done in outputs.items():
         assert done.returncode == 0, done.stderr
