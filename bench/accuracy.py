@@ -86,24 +86,33 @@ def ensure_data(protocol: Protocol, data_dir: str, log) -> str | None:
             raise click.ClickException(f"{protocol.name} needs the CIFAR-10 JPEGs: {' or '.join(TARBALLS)}, "
                                        f"or --data-dir holding cifar10/train and cifar10/test")
         log(f"unpacking {tarball} into {full} ...")
-        shutil.rmtree(full + ".partial", ignore_errors=True)
+        partial = f"{full}.partial-{os.getpid()}"
         with tarfile.open(tarball) as tar:
-            tar.extractall(full + ".partial", filter="data")
-        os.replace(full + ".partial", full)
+            tar.extractall(partial, filter="data")
+        _move_into_place(partial, full)
     if protocol.data == "cifar10":
         return full
     subset = os.path.join(data_dir, "cifar10-10k")
     if not os.path.isdir(os.path.join(subset, "test")):
         # The first 1,000 training images of each class by sorted file name; the whole test set.
-        partial = subset + ".partial"
-        shutil.rmtree(partial, ignore_errors=True)
+        partial = f"{subset}.partial-{os.getpid()}"
         for name in sorted(os.listdir(os.path.join(full, "train"))):
             os.makedirs(os.path.join(partial, "train", name), exist_ok=True)
             for file in sorted(os.listdir(os.path.join(full, "train", name)))[:1000]:
                 os.symlink(os.path.join(full, "train", name, file), os.path.join(partial, "train", name, file))
         os.symlink(os.path.join(full, "test"), os.path.join(partial, "test"))
-        os.replace(partial, subset)
+        _move_into_place(partial, subset)
     return subset
+
+
+def _move_into_place(partial: str, final: str) -> None:
+    """Rename a finished folder into place; if another benchmark process got there first, keep theirs."""
+    try:
+        os.rename(partial, final)
+    except OSError:
+        if not os.path.isdir(final):
+            raise
+        shutil.rmtree(partial)
 
 
 # ----------------------------------------------------------------------------- runs

@@ -1,4 +1,4 @@
-"""``nbr-index``: rebuild, serve, inspect and benchmark neighbourhood rounds of an AND store.
+"""``nbr-index``: rebuild, serve, inspect, query and benchmark neighbourhood rounds of an AND store.
 
 Every user error prints ``error: <one line>`` to stderr and exits with status 2 (no traceback).
 """
@@ -125,6 +125,39 @@ def inspect(store_url, as_json, verify) -> None:
         click.echo(format_description(description, report))
     if report is not None and not report.ok:
         sys.exit(1)
+
+
+@main.command()
+@click.option("--store", "store_url", required=True, help="Store path or fsspec URL.")
+@click.option("--round", "round_", type=int, default=None, help="Feature snapshot to search [the latest complete one].")
+@click.option("--index", "indices", type=int, multiple=True,
+              help="A training sample to find the neighbours of (self excluded); repeat for several.")
+@click.option("--vectors", "vectors_file", default=None,
+              help="FILE.npy of query vectors, (m, d) or (d,) floats (e.g. from `trainer embed`).")
+@click.option("--k", "k", type=int, default=10, show_default=True, help="Neighbours per query.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON line.")
+def query(store_url, round_, indices, vectors_file, k, as_json) -> None:
+    """The k nearest training samples of a sample (--index) or of new vectors (--vectors).
+
+    Exact cosine similarities against every row of the snapshot (ties -> lower index), with the
+    samples' labels where the store has them.
+    """
+    import numpy as np
+
+    from .errors import InvalidFeaturesError
+    from .query import query_store
+
+    store = Store.open(store_url)
+    vectors = None
+    if vectors_file is not None:
+        try:
+            vectors = np.load(vectors_file, allow_pickle=False)
+        except FileNotFoundError:
+            raise InvalidFeaturesError(f"--vectors {vectors_file} does not exist") from None
+        except (OSError, ValueError) as error:
+            raise InvalidFeaturesError(f"--vectors {vectors_file} is not a .npy array file ({error})") from None
+    result = query_store(store, indices=list(indices) if indices else None, vectors=vectors, k=k, round=round_)
+    click.echo(json.dumps(result.to_json(), sort_keys=True) if as_json else result.format())
 
 
 @main.command()

@@ -38,9 +38,10 @@ def import_faiss():
     """The faiss module, or BackendUnavailableError with the install command."""
     try:
         import faiss
-    except ImportError as error:  # pragma: no cover - faiss-cpu is a dependency
+    except ImportError as error:  # FAISS is an optional extra: the torch backend needs none
         raise BackendUnavailableError(
-            f"backend faiss needs the faiss package ({error}); pip install faiss-cpu, or use --backend torch"
+            f"backend faiss needs the faiss package ({error}), an optional extra: pip install faiss-cpu "
+            f"(= pip install 'and-nbr[cpu]'; 'and-nbr[gpu]' for faiss-gpu on CUDA), or use --backend torch"
         ) from None
     return faiss
 
@@ -191,11 +192,23 @@ def exact_knn_of_rows(source: FeatureSource, rows: torch.Tensor, k: int) -> tupl
     """Exact top-k (self excluded, ties -> lower index) for selected rows, streaming the database.
 
     rows: (m,) int64 sorted row numbers. Returns similarities (m, k) float32, neighbours (m, k).
+    """
+    queries = torch.from_numpy(_gather_rows(source, rows.numpy()))
+    return exact_knn_of_vectors(source, queries, k, own_rows=rows)
+
+
+def exact_knn_of_vectors(
+    source: FeatureSource, queries: torch.Tensor, k: int, own_rows: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of ``queries`` (m, d) float32 among the source's N rows by dot product, ties ->
+    lower index, streaming the database; needs k <= N (k < N with ``own_rows``).
+
+    own_rows: (m,) int64, the source row each query is (excluded from its own list), or None for
+    queries from outside the source. Returns similarities (m, k) float32, neighbours (m, k) int64.
     Works on (EXACT_QUERY_ROWS x EXACT_DB_ROWS) similarity tiles, every GEMM of that one shape
     (ragged blocks zero-padded) so that identical rows get identical similarities.
     """
-    queries = torch.from_numpy(_gather_rows(source, rows.numpy()))
-    m, n = rows.numel(), source.n
+    m, n = queries.shape[0], source.n
     best_values = torch.full((m, k), -math.inf)
     best_indices = torch.full((m, k), n, dtype=torch.int64)
     query_rows, db_rows = min(EXACT_QUERY_ROWS, m), min(EXACT_DB_ROWS, n)
@@ -209,9 +222,10 @@ def exact_knn_of_rows(source: FeatureSource, rows: torch.Tensor, k: int) -> tupl
             for q_start in range(0, m, query_rows):
                 q_stop = min(q_start + query_rows, m)
                 similarity = (queries[q_start:q_start + query_rows] @ block.T)[: q_stop - q_start, :columns_here]
-                own_rows = rows[q_start:q_stop]
-                own = (own_rows >= first_column) & (own_rows < first_column + columns_here)
-                similarity[own.nonzero().flatten(), own_rows[own] - first_column] = -math.inf
+                if own_rows is not None:
+                    own_here = own_rows[q_start:q_stop]
+                    own = (own_here >= first_column) & (own_here < first_column + columns_here)
+                    similarity[own.nonzero().flatten(), own_here[own] - first_column] = -math.inf
                 values, columns = topk_lower_index(similarity, min(k, columns_here))
                 best_values[q_start:q_stop], best_indices[q_start:q_stop] = merge_topk(
                     best_values[q_start:q_stop], best_indices[q_start:q_stop], values, columns + first_column

@@ -70,8 +70,9 @@ def test_large_image_folder_is_streamed_with_seeded_transforms(tmp_path):
 
 
 @pytest.mark.parametrize("layout, message", [
-    ({"train": ["a"]}, "has no test/ folder"),
+    ({"test": ["a"]}, "has no train/ folder"),
     ({"train": ["a", "b"], "test": ["a"]}, "hold different classes"),
+    ({"train": ["a", "b"], "val": ["a", "c"]}, "train/ and val/ in"),
 ])
 def test_bad_image_folders_are_one_line_errors(tmp_path, layout, message):
     _folder(tmp_path, layout)
@@ -232,3 +233,21 @@ def test_ranks_share_each_global_batch_of_the_one_process_run():
                 assert torch.equal(shares[r], batch[r::world_size])
     odd = [epoch_batches(1501, 0, 0, 0, r, 2, 128) for r in range(2)]   # padded by one repeat
     assert [len(b) for b in odd[0]] == [len(b) for b in odd[1]] == [64] * 11 + [47]
+
+def test_an_image_folder_takes_val_as_its_test_split_and_says_so(tmp_path):
+    _folder(tmp_path, {"train": ["cat", "dog"], "val": ["cat", "dog"]}, count=2)
+    data = load_dataset("imagefolder", str(tmp_path))
+    assert data.has_test and data.test.labels.tolist() == [0, 0, 1, 1]
+    assert data.test.images[2, :, 0, 0].tolist() == [40, 40, 40]            # val/dog/0.png
+    assert data.notes == [f"test split: {tmp_path / 'val'}/"]
+
+
+def test_test_is_preferred_to_val_and_a_folder_without_either_has_an_empty_test_split(tmp_path):
+    _folder(tmp_path / "both", {"train": ["a"], "test": ["a"], "val": ["a"]}, count=1)
+    assert load_dataset("imagefolder", str(tmp_path / "both")).notes == [f"test split: {tmp_path / 'both' / 'test'}/"]
+    _folder(tmp_path / "none", {"train": ["a", "b"]}, count=2)
+    for size in (None, 72):                      # decoded into memory, and streamed
+        data = load_dataset("imagefolder", str(tmp_path / "none"), image_size=size, workers=0)
+        assert not data.has_test and len(data.test) == 0 and len(data.train) == 4
+        assert data.notes == [f"no test/ or val/ folder in {tmp_path / 'none'}: training without kNN evaluation"]
+        assert list(data.eval_batches("test", 8)) == []

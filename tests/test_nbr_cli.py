@@ -117,3 +117,13 @@ def test_memory_bench_measures_a_chunked_pass_from_a_store(tmp_path):
     report = json.loads(result.stdout)
     assert report["completed"] and report["n"] == 3000 and report["feature_bytes"] == 3000 * 16 * 4
     assert 0 < report["peak_above_before_bytes"] < 1 << 30
+
+
+def test_without_faiss_the_default_backend_rebuilds_and_a_faiss_backend_names_the_extra(store, monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` raise ImportError, as without the extra
+    refused = run("rebuild", "--store", store.url, "--round", 1, "--backend", "faiss", "--quiet")
+    assert refused.exit_code == 2 and "pip install 'and-nbr[cpu]'" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and store.published_rounds() == []
+    result = run("rebuild", "--store", store.url, "--round", 1, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "backend torch on cpu" in result.stdout and store.published_rounds() == [1]

@@ -56,3 +56,22 @@ def test_compose_services_share_one_store_volume():
     services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
     mounts = [set(s["volumes"]) for s in services.values()]
     assert "store:/store" in mounts[0] & mounts[1]
+
+
+def test_faiss_comes_only_from_its_own_extras_so_gpu_never_pulls_faiss_cpu():
+    """faiss-cpu and faiss-gpu provide the same module: the base install needs neither (the torch
+    backend is the default), `.[cpu]` and `.[gpu]` each bring one, the tests' `.[dev]` faiss-cpu."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def names(requirements):
+        return {Requirement(r).name for r in requirements}
+
+    extras = project["optional-dependencies"]
+    assert not {n for n in names(project["dependencies"]) if n.startswith("faiss")}
+    assert names(extras["cpu"]) == {"faiss-cpu"} and names(extras["gpu"]) == {"faiss-gpu-cu12"}
+    assert names(extras["tensorboard"]) == {"tensorboard"}
+    assert {"faiss-cpu", "tensorboard", "pytest"} <= names(extras["dev"])

@@ -128,13 +128,34 @@ def test_bad_flags_exit_2_with_one_line_and_write_nothing(tmp_path, args, messag
 
 def test_bad_data_roots_exit_2_with_one_line_and_write_nothing(tmp_path):
     run = tmp_path / "run"
-    (tmp_path / "data" / "train" / "a").mkdir(parents=True)
-    _one_line_error(_cli(["run", "--run-dir", str(run), "--dataset", "imagefolder", "--data-root",
-                          str(tmp_path / "data")]), "has no test/ folder")
     (tmp_path / "data" / "test" / "a").mkdir(parents=True)
+    _one_line_error(_cli(["run", "--run-dir", str(run), "--dataset", "imagefolder", "--data-root",
+                          str(tmp_path / "data")]), "has no train/ folder")
+    (tmp_path / "data" / "train" / "a").mkdir(parents=True)
     _one_line_error(_cli(["run", "--run-dir", str(run), "--dataset", "imagefolder", "--data-root",
                           str(tmp_path / "data")]), "holds no images")
     assert not run.exists()
+
+
+def test_an_image_folder_without_a_test_split_trains_and_skips_knn_with_a_note(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "data" / "train" / name).mkdir(parents=True)
+        for i in range(16):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "data" / "train" / name / f"{i}.png")
+    run = tmp_path / "run"
+    result = _cli(["run", "--run-dir", str(run), "--dataset", "imagefolder", "--data-root", str(tmp_path / "data"),
+                   "--rounds", "1", "--epochs-per-round", "1", "--batch-size", "8", "--knn-k", "5", "--eval-every", "1"])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert f"no test/ or val/ folder in {tmp_path / 'data'}: training without kNN evaluation" in result.output
+    assert "round 1 done: no test split" in result.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert [r["knn_top1"] for r in summary["rounds"]] == [None, None] and summary["final_knn_top1"] is None
+    assert [r["anchors"] for r in summary["rounds"]] == [0, 32] and summary["dataset"]["n_test"] == 0
+    assert (run / "knn_per_round.png").exists()
 
 
 def test_unknown_config_file_key_and_resume_without_checkpoint(tmp_path):

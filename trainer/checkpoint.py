@@ -16,6 +16,9 @@ fsynced and renamed, so neither a kill nor a power loss leaves a torn checkpoint
     rng          {"torch": torch.get_rng_state()}; every per-epoch stream (data order,
                  augmentation) is derived from (seed, round, epoch[, rank]), so nothing else is carried
     world_size   world size that wrote it (information only: any world size can resume)
+    data         what the model's inputs are (``data_facts``): image_size, mean, std (the
+                 normalisation), classes, dataset_id; read by ``trainer export`` and
+                 ``trainer.load_model`` (checkpoints written before it existed lack it)
 """
 from __future__ import annotations
 
@@ -28,6 +31,14 @@ from trainer.errors import TrainerError
 
 FORMAT = 1
 FILENAME = "checkpoint.pt"
+
+
+def data_facts(data) -> dict:
+    """The ``data`` entry of a checkpoint, from a ``trainer.data.ImageDataset``: what images the
+    model was trained on and how they were normalised (plain lists: weights_only-loadable)."""
+    return {"image_size": int(data.image_size), "mean": [float(v) for v in data.mean],
+            "std": [float(v) for v in data.std], "classes": [str(c) for c in data.classes],
+            "dataset_id": data.dataset_id}
 
 
 def checkpoint_path(run_dir: str) -> str:

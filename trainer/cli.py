@@ -5,6 +5,9 @@
     trainer run --config run.yaml --rounds 2          # flags override the file
     trainer run --run-dir runs/x --resume             # continue a killed run
     trainer linear-probe --run-dir runs/x
+    trainer export --run-dir runs/x --out resnet18.pt --format torchvision
+    trainer embed --run-dir runs/x --data-root photos/ --out photos.npy
+    trainer report runs/x runs/y --out report/
 
 Bad input is reported as one line, ``error: ...`` on stderr, exit status 2.
 """
@@ -25,7 +28,8 @@ from trainer.world import check_device
 # Help for the flag of every TrainConfig field (every field is a flag; the file keys use the same names).
 FLAG_HELP = {
     "dataset": f"{' | '.join(DATASETS)}",
-    "data_root": "torchvision root (cifar10/cifar100/svhn) or a folder with train/<class>/ and test/<class>/ (imagefolder)",
+    "data_root": "torchvision root (cifar10/cifar100/svhn) or a folder with train/<class>/ and test/<class>/ "
+                 "or val/<class>/ (imagefolder; without either it trains and skips kNN evaluation)",
     "download": "let torchvision download cifar10/cifar100/svhn (needs network)",
     "image_size": "input side in px; default: native for small sets, 224 for large image folders",
     "hflip": "random horizontal flip in the augmentation (off in the authors' released CIFAR configs)",
@@ -65,6 +69,8 @@ FLAG_HELP = {
     "seed": "random seed (model init, memory bank, data order, augmentation)",
     "device": "cpu or cuda[:N]",
     "deterministic": "torch.use_deterministic_algorithms",
+    "tensorboard": "write TensorBoard event files to <run-dir>/tensorboard (needs the tensorboard extra: "
+                   "pip install 'and-nbr[tensorboard]'; without it nothing is written)",
 }
 
 
@@ -206,6 +212,86 @@ def linear_probe(run_dir, epochs, lr, device):
     click.echo(f"linear probe top-1 {result['test_top1']:.2f}% (train {result['train_top1']:.2f}%), "
                f"kNN memory {result['knn_top1_memory']:.2f}%, kNN recomputed {result['knn_top1_recomputed']:.2f}%")
     click.echo(f"written: {path}")
+
+
+@main.command()
+@click.option("--run-dir", required=True, help="run directory holding checkpoint.pt")
+@click.option("--out", required=True, help="file to write (torch.save of {state_dict, config})")
+@click.option("--backbone-only", is_flag=True, help="only the backbone, without the dim-d head")
+@click.option("--format", "layout", type=click.Choice(["and", "torchvision"]), default="and", show_default=True,
+              help="and: trainer.models keys; torchvision: the keys of torchvision's resnet18/resnet50 "
+                   "(the head as fc), loadable with strict=True")
+def export(run_dir, out, backbone_only, layout):
+    """Write the trained network of a run as a plain state_dict file with the config it needs.
+
+    torch.load(OUT, weights_only=True) reads it: {"state_dict": ..., "config": {arch, image_size,
+    dim, mean, std, ...}}. The README shows how to load the torchvision format.
+    """
+    from trainer.export import export_model
+
+    config = export_model(run_dir, out, backbone_only=backbone_only, layout=layout)
+    what = "backbone" if backbone_only else f"backbone + {config['dim']}-d head"
+    click.echo(f"exported {config['arch']} ({what}, {config['layout']} keys, {config['image_size']}px inputs, "
+               f"round {config['round']} epoch {config['epoch']}) to {out}")
+
+
+@main.command("embed")
+@click.option("--run-dir", default=None, help="run directory of the trained model")
+@click.option("--model", "model_file", default=None, help="a checkpoint.pt or `trainer export` file instead of --run-dir")
+@click.option("--dataset", type=click.Choice(DATASETS), default=None, help="embed a split of this dataset")
+@click.option("--data-root", default=None,
+              help="the dataset's root, or (without --dataset) a folder of images: class sub-folders, or "
+                   "images directly in it (no labels)")
+@click.option("--split", type=click.Choice(["train", "test"]), default=None,
+              help="which split [train]; for a folder, its sub-folder train/ or test/ (or val/)")
+@click.option("--out", required=True, help="FILE.npy, or a store path/URL (gets features/round-ROUND)")
+@click.option("--round", "round_", type=int, default=0, show_default=True, help="feature round written into a store")
+@click.option("--batch-size", type=int, default=256, show_default=True, help="images per forward pass")
+@click.option("--workers", type=int, default=4, show_default=True, help="DataLoader workers decoding image files")
+@click.option("--device", default=None, help="device (default: the run's, cpu for --model)")
+def embed_command(run_dir, model_file, dataset, data_root, split, out, round_, batch_size, workers, device):
+    """Embed a dataset split or a folder of images with a trained model: L2-normalised (N, dim)
+    features in row order, in batches (bounded memory) with progress.
+
+    Into FILE.npy (plus FILE.labels.npy where there are labels, FILE.files.txt for folders), or
+    into a store as features/round-ROUND, which `nbr-index rebuild` and `nbr-index query` read.
+    """
+    from trainer.embedding import embed_source, load_model, write_embeddings
+
+    if (run_dir is None) == (model_file is None):
+        raise TrainerError("give one of --run-dir DIR or --model FILE: the trained model to embed with")
+    if batch_size < 1 or workers < 0:
+        raise TrainerError(f"--batch-size must be at least 1 and --workers 0 or more, got {batch_size} and {workers}")
+    if device is None:   # the run's device; a run dir without a checkpoint is refused by load_model
+        from trainer.checkpoint import checkpoint_path, load_checkpoint
+
+        has_checkpoint = run_dir is not None and os.path.isfile(checkpoint_path(run_dir))
+        device = load_checkpoint(checkpoint_path(run_dir))["config"]["device"] if has_checkpoint else "cpu"
+    model = load_model(run_dir or model_file, device)
+    source = embed_source(dataset, data_root, split, model.input_spec, workers)
+    written = write_embeddings(model, source, out, batch_size=batch_size, round=round_, log=click.echo)
+    for path in written:
+        click.echo(f"written: {path}")
+
+
+@main.command("report")
+@click.argument("run_dirs", nargs=-1, required=True)
+@click.option("--out", default=None, help="folder for the PNGs and report.md [the run dir; needed for several runs]")
+def report_command(run_dirs, out):
+    """Plots and a Markdown table from the summary.json of one or several runs.
+
+    kNN top-1 per epoch and per round with the round boundaries, anchors and their class
+    consistency per round (the paper's Fig 6), entropy distributions per round; several runs
+    (e.g. AND and Instance) share each plot.
+    """
+    from trainer.run_report import write_report
+
+    if len(run_dirs) > 1 and out is None:
+        raise TrainerError("several runs need --out DIR: the folder for their shared report")
+    written, table = write_report(list(run_dirs), out or run_dirs[0])
+    click.echo(table)
+    for path in written:
+        click.echo(f"written: {path}")
 
 
 @main.command()

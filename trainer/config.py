@@ -76,6 +76,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     deterministic: bool = True           # torch.use_deterministic_algorithms
+    tensorboard: bool = True             # event files in <run_dir>/tensorboard when the package is installed
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -75,6 +75,12 @@ class ImageDataset:
     std: tuple
     hflip: bool = False
     workers: int = 4
+    notes: list[str] = field(default_factory=list)   # what a run should say about the data (the test split used)
+
+    @property
+    def has_test(self) -> bool:
+        """False for an image folder without test/ or val/: nothing to evaluate kNN on."""
+        return len(self.test) > 0
 
     @property
     def num_classes(self) -> int:
@@ -269,55 +275,91 @@ def load_svhn(root: str, download: bool) -> tuple[Split, Split, list[str]]:
     return splits[0], splits[1], [str(c) for c in range(10)]
 
 
-def scan_image_folder(root: str) -> tuple[list[str], dict[str, tuple[list[str], list[int]]]]:
-    """Validate DIR/train/<class>/ and DIR/test/<class>/ and list them: (classes, {split: (files, labels)}).
+# The held-out split of an image folder, in the order looked for: test/, or val/ (the ImageNet layout).
+TEST_SPLIT_NAMES = ("test", "val")
 
-    Classes are the sorted sub-folders of train/ (label order); test/ must hold the same classes.
+
+def list_class_images(split_dir: str, classes: list[str] | None = None) -> tuple[list[str], list[str], list[int]]:
+    """(classes, files, labels) of ``split_dir/<class>/<image>``: classes are the sorted
+    sub-folders (label order), or ``classes`` as given, which the sub-folders must match."""
+    names = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    if not names:
+        raise DataError(f"{split_dir} has no class folders: put each class's images in {split_dir}/<class>/")
+    if classes is not None and names != classes:
+        extra = sorted(set(names) ^ set(classes))
+        raise DataError(f"train/ and {os.path.basename(split_dir)}/ in {os.path.dirname(split_dir)} hold "
+                        f"different classes (e.g. {extra[0]!r})")
+    files, labels = [], []
+    for label, name in enumerate(names):
+        images = image_files(os.path.join(split_dir, name))
+        if not images:
+            raise DataError(f"class folder {os.path.join(split_dir, name)} holds no images "
+                            f"({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
+        files.extend(images)
+        labels.extend([label] * len(images))
+    return names, files, labels
+
+
+def image_files(folder: str) -> list[str]:
+    """The image files directly inside ``folder``, sorted by path."""
+    return sorted(e.path for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def held_out_folder(root: str) -> str | None:
+    """The name of ``root``'s held-out split folder (test, else val), or None."""
+    return next((name for name in TEST_SPLIT_NAMES if os.path.isdir(os.path.join(root, name))), None)
+
+
+def test_split_note(root: str) -> str:
+    """What a run says about the image folder's test split."""
+    held_out = held_out_folder(root)
+    if held_out is None:
+        return f"no test/ or val/ folder in {root}: training without kNN evaluation"
+    return f"test split: {os.path.join(root, held_out)}/"
+
+
+def scan_image_folder(root: str) -> tuple[list[str], dict[str, tuple[list[str], list[int]]]]:
+    """Validate DIR/train/<class>/ and the held-out DIR/test/<class>/ (or DIR/val/<class>/) and
+    list them: (classes, {"train": (files, labels), "test": (files, labels)}).
+
+    Classes are the sorted sub-folders of train/ (label order); the held-out split must hold the
+    same classes. Without one, its (files, labels) are empty: the run trains without kNN evaluation.
     """
     if not os.path.isdir(root):
         raise DataError(f"--data-root {root} is not a directory")
-    for split in ("train", "test"):
-        if not os.path.isdir(os.path.join(root, split)):
-            raise DataError(f"--data-root {root} has no {split}/ folder: imagefolder needs {root}/train/<class>/ "
-                            f"and {root}/test/<class>/")
-    found: dict[str, tuple[list[str], list[int]]] = {}
-    classes: list[str] = []
-    for split in ("train", "test"):
-        split_dir = os.path.join(root, split)
-        names = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
-        if not names:
-            raise DataError(f"{split_dir} has no class folders: put each class's images in {split_dir}/<class>/")
-        if split == "train":
-            classes = names
-        elif names != classes:
-            extra = sorted(set(names) ^ set(classes))
-            raise DataError(f"train/ and test/ in {root} hold different classes (e.g. {extra[0]!r})")
-        files, labels = [], []
-        for label, name in enumerate(classes):
-            class_dir = os.path.join(split_dir, name)
-            images = sorted(e.path for e in os.scandir(class_dir)
-                            if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
-            if not images:
-                raise DataError(f"class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
-            files.extend(images)
-            labels.extend([label] * len(images))
-        found[split] = (files, labels)
+    if not os.path.isdir(os.path.join(root, "train")):
+        raise DataError(f"--data-root {root} has no train/ folder: imagefolder needs {root}/train/<class>/ "
+                        f"(and {root}/test/<class>/ or {root}/val/<class>/ for kNN evaluation)")
+    classes, files, labels = list_class_images(os.path.join(root, "train"))
+    found = {"train": (files, labels), "test": ([], [])}
+    held_out = held_out_folder(root)
+    if held_out is not None:
+        _, files, labels = list_class_images(os.path.join(root, held_out), classes)
+        found["test"] = (files, labels)
     return classes, found
+
+
+def square_rgb(img, size: int) -> np.ndarray:
+    """A PIL image as (size, size, 3) uint8 RGB, resized bilinearly when it is not that size."""
+    from PIL import Image
+
+    img = img.convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    return np.array(img, dtype=np.uint8)   # a writable copy (np.asarray of a PIL image is read-only)
 
 
 def _decode_square(path: str, size: int) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as img:
-        img = img.convert("RGB")
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.BILINEAR)
-        return np.asarray(img, dtype=np.uint8)
+        return square_rgb(img, size)
 
 
 def load_image_folder(root: str, image_size: int | None) -> tuple[Split, Split, list[str], int]:
     """Image folder: decoded into memory when its images are small (side <= 64, or --image-size
-    <= 64: each image resized to image_size x image_size), streamed from disk otherwise."""
+    <= 64: each image resized to image_size x image_size), streamed from disk otherwise. Without
+    a test/ or val/ folder the test split is empty."""
     from PIL import Image
 
     classes, found = scan_image_folder(root)
@@ -331,10 +373,12 @@ def load_image_folder(root: str, image_size: int | None) -> tuple[Split, Split, 
         label_tensor = torch.tensor(labels, dtype=torch.int64)
         if image_size <= IN_MEMORY_MAX_SIZE:
             try:
-                arrays = np.stack([_decode_square(f, image_size) for f in files])
+                arrays = [_decode_square(f, image_size) for f in files]
             except OSError as err:
                 raise DataError(f"cannot decode an image in {root}/{split}: {err}") from None
-            splits.append(Split(label_tensor, torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()))
+            images = (torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous() if arrays
+                      else torch.empty((0, 3, image_size, image_size), dtype=torch.uint8))
+            splits.append(Split(label_tensor, images))
         else:
             splits.append(Split(label_tensor, files=files))
     return splits[0], splits[1], classes, image_size
@@ -369,5 +413,7 @@ def load_dataset(name: str, data_root: str | None = None, download: bool = False
     if stats is None:
         stats = channel_stats(train.images) if train.images is not None else IMAGENET_STATS
     dataset_id = f"{name}:{source}:n={len(train)}:size={size}"
+    notes = [test_split_note(data_root)] if name == "imagefolder" else []
     return ImageDataset(name=name, dataset_id=dataset_id, train=train, test=test, classes=classes,
-                        image_size=size, mean=stats[0], std=stats[1], hflip=hflip, workers=workers)
+                        image_size=size, mean=stats[0], std=stats[1], hflip=hflip, workers=workers,
+                        notes=notes)

@@ -54,14 +54,23 @@ def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         model.train(was_training)
 
 
-def embed(model: torch.nn.Module, batches, device: torch.device, head: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of every (images, labels) batch, in order, without augmentation, leaving the
-    model unchanged: (N, dim) head features (or (N, F) backbone features with head=False), (N,) labels."""
-    feats, labels = [], []
+def iter_embed(model: torch.nn.Module, batches, device: torch.device,
+               head: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """For each (images, labels) batch, in order and without augmentation: (features (b, dim) head
+    features, or (b, F) backbone features with head=False, float32 on ``device``; labels (b,)).
+    The model is in eval mode without gradients while this runs and unchanged after."""
     with evaluating(model):
         for images, batch_labels in batches:
             images = images.to(device, non_blocking=True)
             out = model(images) if head else model.embed(images)
-            feats.append(out.float())
-            labels.append(batch_labels.to(device))
+            yield out.float(), batch_labels.to(device)
+
+
+def embed(model: torch.nn.Module, batches, device: torch.device, head: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of every (images, labels) batch, in order, without augmentation, leaving the
+    model unchanged: (N, dim) head features (or (N, F) backbone features with head=False), (N,) labels."""
+    feats, labels = [], []
+    for batch_feats, batch_labels in iter_embed(model, batches, device, head):
+        feats.append(batch_feats)
+        labels.append(batch_labels)
     return torch.cat(feats), torch.cat(labels)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trainer.checkpoint import checkpoint_path, load_checkpoint, restore, save_checkpoint
+from trainer.checkpoint import checkpoint_path, data_facts, load_checkpoint, restore, save_checkpoint
 from trainer.config import TrainConfig, save_config, validate, validate_for_data
 from trainer.data import ImageDataset, load_dataset
 from trainer.errors import TrainerError
@@ -31,13 +31,15 @@ from trainer.knn import embed, knn_predict
 from trainer.loss import and_loss
 from trainer.memory import ema_update_, init_memory
 from trainer.models import build_model, check_compiler, compile_for_training, unwrap
+from trainer.progress import Progress
 from trainer.schedule import lr_at, make_optimizer, set_lr
 from trainer.seeding import generator, set_determinism
 from trainer.sharding import epoch_batches
+from trainer.tensorboard_log import EventLog
 from trainer.world import World
 from trainer import report
 
-# Progress lines inside a long epoch at most this often (seconds); short epochs print one line.
+# Progress lines inside a long epoch at most this often (seconds) where no terminal shows a bar.
 PROGRESS_EVERY_S = 30.0
 # How often a trainer in --index service mode looks for a published round, and says it waits.
 POLL_S = 1.0
@@ -59,6 +61,7 @@ class Curriculum:
     neighbours: torch.Tensor | None  # (N, k) int64
     anchors: int                     # number of anchors
     consistency: float | None        # percent of anchor neighbours sharing the anchor's label
+    entropy: np.ndarray | None = None  # (N,) H_i the anchors were selected by (reports only)
 
 
 def train(cfg: TrainConfig, world: World, resume: bool = False,
@@ -108,6 +111,10 @@ def train(cfg: TrainConfig, world: World, resume: bool = False,
     say(f"{cfg.method} on {cfg.dataset} (N={n}, test {len(data.test)}, {data.image_size}px) with {cfg.arch}, "
         f"rounds 0..{cfg.rounds} x {cfg.epochs_per_round} epochs, batch {cfg.batch_size} over "
         f"{world.world_size} rank(s), device {device}, store {cfg.store}")
+    for note in data.notes:
+        say(note)
+    events = EventLog.open(cfg.run_dir, cfg.tensorboard and world.is_main, cfg.epochs_per_round, n,
+                           resume_step=start_round * cfg.epochs_per_round + start_epoch if resume else None)
     ddp_model = world.wrap_model(model, cfg.sync_bn)
     if cfg.compile:
         ddp_model = compile_for_training(ddp_model)
@@ -127,31 +134,35 @@ def train(cfg: TrainConfig, world: World, resume: bool = False,
             stats = train_one_epoch(ddp_model, optimizer, memory, data, curriculum, cfg, world, r, epoch, say)
             world.sync_buffers(model)
             row = {"round": r, "epoch": epoch, "lr": lr, **stats}
-            if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs_per_round:
+            if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs_per_round
+                    and data.has_test):
                 row["knn_top1"] = evaluate_knn(model, memory, data, cfg, world)
             if check_replicas:
                 world.assert_identical(f"memory bank after round {r} epoch {epoch + 1}", memory)
                 world.assert_identical(f"model after round {r} epoch {epoch + 1}",
                                        *unwrap(model).state_dict().values())
             history.append(row)
+            events.epoch(row)
             say(f"round {r} epoch {epoch + 1}/{cfg.epochs_per_round}  loss {row['loss']:.4f}  lr {lr:.5f}  "
                 f"{row['images_per_s']:.0f} img/s  {row['seconds']:.1f}s"
                 + (f"  kNN {row['knn_top1']:.2f}%" if "knn_top1" in row else ""))
             _save(world, ckpt, cfg, model, optimizer, memory, r, epoch + 1, rows, history,
-                  time.perf_counter() - clock)
+                  time.perf_counter() - clock, data)
 
         # ---- end of round: publish the memory bank for the next rebuild, evaluate
         write_feature_snapshot(store, r, memory, world)
-        knn = evaluate_knn(model, memory, data, cfg, world)
-        if history and history[-1]["round"] == r:   # the round's last epoch row gets its kNN too
+        knn = evaluate_knn(model, memory, data, cfg, world) if data.has_test else None
+        if knn is not None and history and history[-1]["round"] == r:   # the round's last epoch row gets its kNN too
             history[-1]["knn_top1"] = knn
         best = report.best_epoch(history, r)
         rows.append({"round": r, "knn_top1": knn, "best_epoch_knn_top1": best["knn_top1"], "best_epoch": best["epoch"],
                      "anchors": curriculum.anchors, "consistency": curriculum.consistency,
                      "seconds": round(time.perf_counter() - clock, 2)})
-        say(f"round {r} done: kNN top-1 {knn:.2f}% (best epoch {best['epoch'] + 1}: {best['knn_top1']:.2f}%)  "
-            f"({rows[-1]['seconds']:.1f}s)")
-        _save(world, ckpt, cfg, model, optimizer, memory, r + 1, 0, rows, history, 0.0)
+        say(f"round {r} done: " + ("no test split" if knn is None else
+                                   f"kNN top-1 {knn:.2f}% (best epoch {best['epoch'] + 1}: {best['knn_top1']:.2f}%)")
+            + f"  ({rows[-1]['seconds']:.1f}s)")
+        events.round(rows[-1], curriculum.entropy)
+        _save(world, ckpt, cfg, model, optimizer, memory, r + 1, 0, rows, history, 0.0, data)
 
     # ---- report
     summary = {"config": cfg.to_dict(), "rounds": rows, "final_knn_top1": rows[-1]["knn_top1"] if rows else None,
@@ -168,6 +179,7 @@ def train(cfg: TrainConfig, world: World, resume: bool = False,
         path = report.write_summary(cfg.run_dir, cfg.to_dict(), rows, extra)
         report.save_plots(cfg.run_dir, rows, published_entropies(store, cfg))
         say(f"summary: {path}")
+    events.close()
     world.barrier()
     return summary
 
@@ -228,17 +240,16 @@ def train_one_epoch(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer
     # anything of the epoch is saved.
     first_nonfinite = torch.full((), math.inf, device=device)
     seen = 0
-    start = last_note = time.perf_counter()
+    start = time.perf_counter()
     train_batches = data.train_batches(batches, aug_gen, device, world.rank, world.world_size)
-    for step, (images, indices) in enumerate(train_batches):
-        loss = train_step(ddp_model, optimizer, memory, images, indices, curriculum, cfg, world)
-        first_nonfinite = torch.where(torch.isfinite(loss), first_nonfinite, first_nonfinite.clamp(max=step))
-        loss_sum += loss * indices.numel()
-        seen += indices.numel()
-        if time.perf_counter() - last_note > PROGRESS_EVERY_S:
-            last_note = time.perf_counter()
-            say(f"  round {r} epoch {epoch + 1} step {step + 1}/{len(batches)}  "
-                f"{seen * world.world_size / (last_note - start):.0f} img/s")
+    with Progress(len(batches), f"  round {r} epoch {epoch + 1} step", say, enabled=world.is_main,
+                  every_s=PROGRESS_EVERY_S) as progress:
+        for step, (images, indices) in enumerate(train_batches):
+            loss = train_step(ddp_model, optimizer, memory, images, indices, curriculum, cfg, world)
+            first_nonfinite = torch.where(torch.isfinite(loss), first_nonfinite, first_nonfinite.clamp(max=step))
+            loss_sum += loss * indices.numel()
+            seen += indices.numel()
+            progress.update(1, lambda: f"{seen * world.world_size / (time.perf_counter() - start):.0f} img/s")
     totals = world.all_reduce_sum(torch.stack([loss_sum.float(), torch.tensor(float(seen), device=device)]))
     first_bad = float(world.all_gather_cat(first_nonfinite.view(1)).min())
     if math.isfinite(first_bad):
@@ -301,7 +312,8 @@ def curriculum_for_round(r: int, cfg: TrainConfig, store, world: World, say: Cal
     anchor = torch.from_numpy(np.asarray(nb.anchor, dtype=bool)).to(world.device)
     neighbours = torch.from_numpy(np.asarray(nb.neighbours, dtype=np.int64)).to(world.device)
     consistency = nb.attrs.get("consistency")
-    return Curriculum(anchor, neighbours, int(anchor.sum()), None if consistency is None else float(consistency))
+    return Curriculum(anchor, neighbours, int(anchor.sum()), None if consistency is None else float(consistency),
+                      np.asarray(nb.entropy))
 
 
 def wait_for_neighbourhoods(store, r: int, timeout: float, say: Callable[[str], None], poll: float = POLL_S) -> None:
@@ -403,7 +415,7 @@ def published_entropies(store, cfg: TrainConfig) -> dict[int, np.ndarray]:
 
 
 def _save(world: World, path: str, cfg: TrainConfig, model, optimizer, memory: torch.Tensor, r: int, epoch: int,
-          rows: list, history: list, round_seconds: float) -> None:
+          rows: list, history: list, round_seconds: float, data: ImageDataset) -> None:
     """Rank 0 writes the checkpoint (see trainer.checkpoint for the format)."""
     if not world.is_main:
         return
@@ -412,5 +424,5 @@ def _save(world: World, path: str, cfg: TrainConfig, model, optimizer, memory: t
         "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
         "memory": memory.detach().cpu(), "rounds": rows, "history": history,
         "round_seconds": round_seconds, "rng": {"torch": torch.get_rng_state()},
-        "world_size": world.world_size,
+        "world_size": world.world_size, "data": data_facts(data),
     })

@@ -26,6 +26,9 @@ SMALL_IMAGE_MAX = 64
 class EmbeddingModel(nn.Module):
     """backbone (B, 3, H, W) -> (B, F) -> Linear(F, dim) -> L2 normalise -> (B, dim)."""
 
+    # How images are prepared for this model (trainer.embedding.InputSpec); set by trainer.load_model.
+    input_spec = None
+
     def __init__(self, backbone: nn.Module, feature_dim: int, dim: int):
         super().__init__()
         self.backbone = backbone

@@ -26,9 +26,10 @@ def round_table(rows: list[dict]) -> str:
     lines = [f"{'round':>5}  {'kNN top-1':>9}  {'best epoch':>10}  {'anchors':>8}  {'consistency':>11}  {'seconds':>8}"]
     for row in rows:
         cons = "-" if row.get("consistency") is None else f"{row['consistency']:.1f}%"
+        knn = "-" if row.get("knn_top1") is None else f"{row['knn_top1']:.2f}%"   # None: no test split
         best = row.get("best_epoch_knn_top1")
         best = "-" if best is None else f"{best:.2f}%"
-        lines.append(f"{row['round']:>5}  {row['knn_top1']:>8.2f}%  {best:>10}  {row['anchors']:>8d}  {cons:>11}  "
+        lines.append(f"{row['round']:>5}  {knn:>9}  {best:>10}  {row['anchors']:>8d}  {cons:>11}  "
                      f"{row['seconds']:>8.1f}")
     return "\n".join(lines)
 
@@ -74,7 +75,7 @@ def save_plots(run_dir: str, rows: list[dict], entropies: dict[int, np.ndarray])
     rounds = [r["round"] for r in rows]
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(rounds, [r["knn_top1"] for r in rows], marker="o")
+    ax.plot(rounds, [np.nan if r["knn_top1"] is None else r["knn_top1"] for r in rows], marker="o")  # None: no test split
     ax.set(xlabel="training round", ylabel="kNN top-1 (%)", title="kNN accuracy per round")
     ax.set_xticks(rounds)
     ax.grid(alpha=0.3)
@@ -93,15 +94,23 @@ def save_plots(run_dir: str, rows: list[dict], entropies: dict[int, np.ndarray])
     paths.append(_save(fig, run_dir, "consistency_per_round.png"))
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    if entropies:
-        for r in sorted(entropies):
-            ax.hist(entropies[r], bins=50, histtype="step", label=f"round {r}")
-        ax.legend()
-    else:
-        ax.text(0.5, 0.5, "no neighbourhood rounds in this run", ha="center", va="center", transform=ax.transAxes)
-    ax.set(xlabel="entropy H_i of p_i (nats)", ylabel="samples", title="Entropy distribution per round")
+    draw_entropy_histograms(ax, entropies)
+    ax.set_title("Entropy distribution per round")
     paths.append(_save(fig, run_dir, "entropy_per_round.png"))
     return paths
+
+
+def draw_entropy_histograms(ax, entropies: dict[int, np.ndarray], missing: str | None = None) -> None:
+    """One step histogram per round of {round: (N,) entropy} on ``ax``; ``missing`` (or, without
+    rounds, a note that there are none) is written instead when there is nothing to draw."""
+    if entropies and missing is None:
+        for r in sorted(entropies):
+            ax.hist(entropies[r], bins=50, histtype="step", label=f"round {r}")
+        ax.legend(loc="upper left")   # a fixed place: "best" searches through every histogram step
+    else:
+        ax.text(0.5, 0.5, missing or "no neighbourhood rounds in this run", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.set(xlabel="entropy H_i of p_i (nats)", ylabel="samples")
 
 
 def _save(fig, run_dir: str, name: str) -> str:
