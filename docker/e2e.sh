@@ -13,12 +13,12 @@
 #                published and verified (`nbr-index inspect --verify` in a container on the
 #                volume), the trainer's summary.json written, every round published once.
 #    rerun       `up` again on the same volumes (run directory refused), then with the run
-#                volume removed (store refused): the trainer's one-line error, exit 2, the store
-#                unchanged.
+#                volume removed (store refused): as for bad input below, and the store unchanged.
 #    kill        nbr-index killed (`docker kill`) after publishing round 1, started again: the job
 #                completes, each round published once, round 1 untouched.
-#    bad-dataset, missing-data   the trainer fails fast with its one-line error, no restart, no
-#                store written, and `up` returns.
+#    bad-dataset, missing-data   the trainer exits 2 at once with its one-line error, is not
+#                restarted, writes nothing to the store; nbr-index is not started; `up` exits
+#                non-zero.
 #
 # Environment: E2E_BASE_IMAGE [and-nbr-base:bookworm], E2E_TORCH_INDEX_URL [https://pypi.org/simple:
 # build machines here reach PyPI only; the Dockerfile's default is PyTorch's CPU index],
@@ -46,6 +46,14 @@ seconds_since() { echo $(($(now) - $1)); }
 # --------------------------------------------------------------------------------------- engine
 engine_answers() { docker info > /dev/null 2>&1; }
 
+apt_install() {  # apt_install PACKAGE...: Debian packages, as root
+    [ "$(id -u)" = 0 ] || fail "$* needed: install them, or run as root"
+    say "installing $* (apt-get)"
+    apt-get update -qq > "$WORK/apt.log" 2>&1
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >> "$WORK/apt.log" 2>&1 \
+        || fail "apt-get install $* failed: see $WORK/apt.log"
+}
+
 start_engine() {
     engine_answers && return 0
     [ "$(id -u)" = 0 ] || fail "no Docker engine answers and this is not root: start dockerd, or run as root"
@@ -53,12 +61,7 @@ start_engine() {
     command -v dockerd > /dev/null || missing+=(docker.io)
     command -v docker-compose > /dev/null || docker compose version > /dev/null 2>&1 || missing+=(docker-compose)
     command -v debootstrap > /dev/null || missing+=(debootstrap)
-    if [ ${#missing[@]} -gt 0 ]; then
-        say "installing ${missing[*]} (apt-get)"
-        apt-get update -qq > "$WORK/apt.log" 2>&1
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >> "$WORK/apt.log" 2>&1 \
-            || fail "apt-get install ${missing[*]} failed: see $WORK/apt.log"
-    fi
+    [ ${#missing[@]} = 0 ] || apt_install "${missing[@]}"
     # Niced: the containers inherit it, so the job yields to other work on a shared machine.
     nohup nice -n 15 dockerd > "$WORK/dockerd.log" 2>&1 &
     local pid=$!
@@ -86,7 +89,7 @@ ensure_base_image() {
         say "base image $BASE_IMAGE: present"
         return
     fi
-    command -v debootstrap > /dev/null || fail "base image $BASE_IMAGE is absent and debootstrap is not installed"
+    command -v debootstrap > /dev/null || apt_install debootstrap
     say "base image $BASE_IMAGE: debootstrap bookworm (a few minutes)"
     local rootfs="$WORK/rootfs"
     rm -rf "$rootfs"
