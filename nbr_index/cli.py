@@ -89,10 +89,12 @@ def rebuild(store_url, round_, as_json, quiet, **options) -> None:
               help="Wait for the trainer to create the store instead of failing [wait, unless --once].")
 @click.option("--until-round", type=int, default=None, help="Exit once this round is published [R].")
 @click.option("--progress-seconds", type=float, default=30.0, show_default=True, help="Seconds between progress lines.")
+@click.option("--ready-file", default=None,
+              help="Create this file once the store is open and watched; removed on exit (for healthchecks).")
 @click.option("--stall-seconds", type=float, default=0.0, hidden=True,
               help="Test hook: sleep this long at the start of every rebuild.")
 @_compute_options
-def serve(store_url, poll_seconds, once, wait_for_store, until_round, progress_seconds, stall_seconds,
+def serve(store_url, poll_seconds, once, wait_for_store, until_round, progress_seconds, ready_file, stall_seconds,
           **options) -> None:
     """Watch the store; rebuild round r as soon as features/round-(r-1) is complete.
 
@@ -104,7 +106,8 @@ def serve(store_url, poll_seconds, once, wait_for_store, until_round, progress_s
     configure_logging()
     run_serve(
         store_url, poll_seconds=poll_seconds, once=once, wait_for_store=wait_for_store, until_round=until_round,
-        progress_seconds=progress_seconds, stall_seconds=stall_seconds, **_rebuild_options(**options),
+        progress_seconds=progress_seconds, stall_seconds=stall_seconds, ready_file=ready_file,
+        **_rebuild_options(**options),
     )
 
 

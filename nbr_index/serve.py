@@ -5,11 +5,14 @@ published yet. All state lives in the store, so the service is idempotent: resta
 after SIGKILL mid-round) recomputes only unpublished rounds, and storage's atomic publish means a
 round is either fully visible or absent. SIGTERM/SIGINT abandon the rebuild in progress at the
 next block boundary (nothing is published) and exit cleanly; the next start recomputes it.
+A ready file, if asked for, exists exactly while the service watches an open store (a container
+healthcheck tests for it).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -41,6 +44,7 @@ def serve(
     until_round: int | None = None,
     progress_seconds: float = 30.0,
     stall_seconds: float = 0.0,
+    ready_file: str | None = None,
     **rebuild_options,
 ) -> ServeOutcome:
     """Rebuild rounds of the store at ``store_url`` until round ``until_round`` is published.
@@ -48,18 +52,20 @@ def serve(
     until_round: last round to serve (default: the curriculum's R). once: do what can be done now,
     then return. wait_for_store: wait for the store to be created (default: unless ``once``). rebuild_options go to :func:`nbr_index.rebuild` (k, tau, mode, backend, ...).
     stall_seconds: test hook, sleep this long at the start of each rebuild (to kill it mid-round).
+    ready_file: a path created once the store is open and watched, and removed on return.
     """
     if poll_seconds <= 0:
         raise InvalidParameterError(f"poll seconds must be positive, got {poll_seconds}")
     stop = threading.Event()
     published: list[int] = []
-    with _stop_on_signals(stop):
+    with _stop_on_signals(stop), _ready_file(ready_file) as mark_ready:
         wait = not once if wait_for_store is None else wait_for_store
         store = _wait_for_store(store_url, poll_seconds, wait, stop)
         if store is None:
             return ServeOutcome(published, stopped=True)
         last = _last_round(store, until_round, rebuild_options.get("rounds"))
         log.info("serving %s: rounds 1..%d, polling every %.1f s", store.url, last, poll_seconds)
+        mark_ready()
         while not stop.is_set():
             done = set(store.published_rounds())
             if all(r in done for r in range(1, last + 1)):
@@ -126,6 +132,25 @@ def _last_round(store: Store, until_round: int | None, rounds: int | None) -> in
     if not 1 <= last <= total:
         raise InvalidParameterError(f"--until-round must be in 1..{total} (the curriculum's R), got {last}")
     return last
+
+
+@contextmanager
+def _ready_file(path: str | None):
+    """Yield a function that creates ``path``; ``path`` is absent before it is called (a file left
+    by a killed run is removed first) and after the block."""
+    def remove() -> None:
+        if path is not None and os.path.lexists(path):
+            os.remove(path)
+
+    def mark_ready() -> None:
+        if path is not None:
+            open(path, "w").close()
+
+    remove()
+    try:
+        yield mark_ready
+    finally:
+        remove()
 
 
 @contextmanager

@@ -100,6 +100,26 @@ def test_sigterm_abandons_the_round_in_progress_and_exits_cleanly(store, tmp_pat
     assert "round 1 abandoned before publishing" in log_text(log_path)
 
 
+@pytest.mark.slow
+def test_ready_file_exists_exactly_while_serve_watches_the_store(tmp_path):
+    ready = tmp_path / "ready"
+    ready.write_text("left behind by a killed serve")
+    log_path = tmp_path / "serve.log"
+    url = str(tmp_path / "store")
+    process = start_serve(url, log_path, "--ready-file", str(ready), "--until-round", "1")
+    wait_for(lambda: "waiting for the trainer to create it" in log_text(log_path), what="serve to wait for the store")
+    assert not ready.exists()  # the stale file is gone before the store is watched
+
+    store = Store.create_or_open(url, n=N, dim=DIM, dataset_id="serve",
+                                 curriculum={"rounds": ROUNDS, "k": 1, "tau": 0.1, "mode": "progressive"})
+    wait_for(ready.exists, what="the ready file")
+    assert process.poll() is None and "serving" in log_text(log_path)
+    store.write_features(0, unit_rows(N, DIM, seed=0))
+    assert process.wait(timeout=60) == 0
+    assert store.published_rounds() == [1]
+    assert not ready.exists()
+
+
 def test_serve_once_with_nothing_ready_and_a_missing_store(store, tmp_path):
     log_path = tmp_path / "serve.log"
     store.write_features(1, unit_rows(N, DIM, seed=1))

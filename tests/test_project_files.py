@@ -38,6 +38,12 @@ def _click_parses(group, argv: list[str]) -> None:
     command.make_context(argv[1], list(argv[2:]), parent=ctx)
 
 
+def with_compose_defaults(arg: str) -> str:
+    """``arg`` with each ``${VARIABLE:-default}`` replaced by its default, as Compose does when
+    the variable is unset."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", arg)
+
+
 @pytest.mark.parametrize("compose_file", ["compose.yaml", "compose.gpu.yaml"])
 def test_compose_services_invoke_real_commands(compose_file):
     from nbr_index.cli import main as nbr_index_main
@@ -49,7 +55,7 @@ def test_compose_services_invoke_real_commands(compose_file):
     for service in services.values():
         argv = service["command"]
         argv = shlex.split(argv) if isinstance(argv, str) else argv
-        _click_parses(clis[argv[0]], argv)
+        _click_parses(clis[argv[0]], [with_compose_defaults(arg) for arg in argv])
 
 
 def test_compose_services_share_one_store_volume():
