@@ -5,7 +5,9 @@ Speed (``nbr-index bench``), on the same random unit vectors, in one process:
   (a) FAISS IndexFlatIP top-(k+1) alone (faiss-gpu on CUDA when importable),
   (b) the unfused reference (``reference.unfused_knn_entropy``),
   (c) our fused pass (``knn_entropy``, backend torch),
-  (d) matmul only: the same tiles through a bare GEMM into a preallocated buffer,
+  (d) matmul only: the tiles the fused pass computes (I <= J, half the matrix) through a bare
+      GEMM into a preallocated buffer, scheduled like the pass,
+  (e) the full blocked matmul: every tile of the N x N matrix (the GPU target's anchor),
 with peak memory per stage and a check of (c) against (b). Timings on a shared machine are noisy:
 compare the ratios of one run, and use --repeat (the minimum of each stage is reported).
 
@@ -32,7 +34,9 @@ import torch
 from .backends import knn_entropy, resolve_device
 from .errors import RebuildCancelled
 from .faiss_backend import faiss_gpu_available, import_faiss
-from .fused import BlockSizes, _intra_op_threads, _QueryBlock, _Schedule, default_block_sizes
+from .features import InMemoryFeatures
+from .fused import (GemmWorker, SuperBlockPair, TileRun, WholePass, _intra_op_threads, default_block_sizes,
+                    plan_tiles, row_block_count, run_plan, tile_rows)
 from .reference import unfused_knn_entropy
 
 
@@ -76,7 +80,8 @@ def run_speed_bench(
         if torch_device.type == "cuda":  # the same pass with the tile statistics as separate torch ops
             timed("fused_torch_ops", lambda: knn_entropy(on_device, k=k, tau=tau, backend="torch", device=device,
                                                          matmul_precision=matmul_precision, tile_kernel="torch"))
-        timed("matmul_only", lambda: _matmul_only(on_device))
+        timed("matmul_only", lambda: _matmul_pass(on_device, full=False))
+        timed("matmul_full", lambda: _matmul_pass(on_device, full=True))
         if reference:
             outputs["reference"] = timed("unfused_reference", lambda: _unfused(on_device, k, tau))
 
@@ -96,6 +101,7 @@ def run_speed_bench(
     if "faiss_knn" in seconds:
         report["ratios"]["fused_over_faiss"] = fused_seconds / seconds["faiss_knn"]
     report["ratios"]["fused_over_matmul"] = fused_seconds / seconds["matmul_only"]
+    report["ratios"]["fused_over_full_matmul"] = fused_seconds / seconds["matmul_full"]
     if reference:
         report["ratios"]["fused_over_reference"] = fused_seconds / seconds["unfused_reference"]
         ref_neighbours, ref_entropy = outputs["reference"]
@@ -136,7 +142,8 @@ def format_speed_report(report: dict) -> str:
         "unfused_reference": "(b) unfused reference (matmul, topk, logsumexp, p*z)",
         "fused": "(c) fused k-NN + entropy (ours)",
         "fused_torch_ops": "(c') same, tile statistics as torch ops (no Triton)",
-        "matmul_only": "(d) matmul only (blocked GEMM, same tiles)",
+        "matmul_only": "(d) matmul only (blocked GEMM, the tiles of (c))",
+        "matmul_full": "(e) full blocked matmul (every tile of N x N)",
     }
     for key, label in names.items():
         if key in s:
@@ -184,37 +191,21 @@ def _unfused(features: torch.Tensor, k: int, tau: float):
     return neighbours.numpy(), entropy.numpy()
 
 
-def _matmul_only(features: torch.Tensor) -> None:
-    """The GEMM of every tile into a preallocated buffer, scheduled exactly like the fused pass
-    (on CPU: one worker thread per core with single-threaded GEMMs): the floor the pass builds on."""
+def _matmul_pass(features: torch.Tensor, full: bool) -> None:
+    """The GEMM of every tile the fused pass computes (or, with ``full``, of every tile of the
+    N x N matrix) into a preallocated buffer, scheduled exactly like the pass (on CPU: one worker
+    thread per core with single-threaded GEMMs): the floor the pass builds on."""
     device = features.device
-    blocks = default_block_sizes(device)
     n = features.shape[0]
-    blocks = BlockSizes(min(blocks.query_rows, n), min(blocks.db_rows, n))
+    block_rows = tile_rows(n, default_block_sizes(device))
+    if full:
+        blocks = row_block_count(n, block_rows)
+        plan = [SuperBlockPair((0, n), (0, n), [TileRun(row, 0, blocks) for row in range(blocks)])]
+    else:
+        plan = plan_tiles(n, block_rows, n, WholePass())
     workers = 1 if device.type == "cuda" else torch.get_num_threads()
-    query_blocks = [
-        _QueryBlock(features, 0, start, min(start + blocks.query_rows, n), features, 0)
-        for start in range(0, n, blocks.query_rows)
-    ]
     with _intra_op_threads(1 if workers > 1 else None):
-        _Schedule(total_tiles=0, progress=None).run(query_blocks, [_MatmulWorker(blocks, device) for _ in range(workers)])
-
-
-class _MatmulWorker:
-    """Stands in for the fused pass's tile worker: the GEMM only, same (B, C) tile shape."""
-
-    def __init__(self, blocks: BlockSizes, device: torch.device):
-        self.blocks = blocks
-        self.buffer = torch.empty((blocks.query_rows, blocks.db_rows), device=device)
-
-    def run(self, block: _QueryBlock) -> int:
-        queries = block.queries[block.b_start : block.b_stop]
-        tiles = 0
-        for start in range(0, block.database.shape[0], self.blocks.db_rows):
-            database = block.database[start : start + self.blocks.db_rows]
-            torch.mm(queries, database.T, out=self.buffer[: queries.shape[0], : database.shape[0]])
-            tiles += 1
-        return tiles
+        run_plan(InMemoryFeatures(features), plan, [GemmWorker(block_rows, n, device) for _ in range(workers)], None)
 
 
 def _synchronize(device: torch.device) -> None:

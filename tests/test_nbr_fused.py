@@ -12,8 +12,9 @@ from nbr_index.fused import BlockSizes, knn_entropy_pass
 from nbr_index.reference import brute_force_knn_entropy, unfused_knn_entropy
 from nbr_index.topk import merge_topk, topk_by_key, topk_lower_index
 
-# Small tiles so that a few hundred rows make many tiles, ragged edges and off-centre diagonals.
-SMALL_TILES = BlockSizes(query_rows=48, db_rows=80)
+# Small tiles so that a few hundred rows make many tiles and ragged edges (40 divides the chunked
+# test's 200-row reads).
+SMALL_TILES = BlockSizes(rows=40)
 
 
 def unit_rows(n, dim, seed=0):
@@ -166,7 +167,8 @@ def test_progress_reports_tiles_and_can_abandon_the_pass(workers):
     seen = []
     knn_entropy_pass(open_features(rows, torch.device("cpu")), 1, 0.1, block_sizes=SMALL_TILES, workers=workers,
                      progress=lambda done, total: seen.append((done, total)))
-    assert seen[-1] == (45, 45) and all(b >= a for (a, _), (b, _) in zip(seen, seen[1:]))  # 9 x 5 tiles
+    # 10 row blocks of 40: the 10 x 11 / 2 tiles (I, J), I <= J, of the symmetric pass.
+    assert seen[-1] == (55, 55) and all(b >= a for (a, _), (b, _) in zip(seen, seen[1:]))
 
     def cancel(done, total):
         raise RebuildCancelled("stop")
