@@ -37,6 +37,7 @@ from .faiss_backend import faiss_gpu_available, import_faiss
 from .features import InMemoryFeatures
 from .fused import (GemmWorker, SuperBlockPair, TileRun, WholePass, _intra_op_threads, default_block_sizes,
                     plan_tiles, row_block_count, run_plan, tile_rows)
+from .progress import StderrProgress
 from .reference import unfused_knn_entropy
 
 
@@ -304,17 +305,20 @@ def format_memory_report(report: dict) -> str:
         f"  pass seconds             {report['seconds']:10.1f} s"
         + ("" if report["completed"] else
            f"  (stopped at {100 * report['fraction_done']:.1f}% of tiles; full pass ~{report['projected_seconds']:.0f} s)"),
+        f"  tile kernel {report['tile_kernel']}, {report['threads']} threads, load average at the end "
+        + " / ".join(f"{load:.2f}" for load in report["load_average"]),
     ])
 
 
 def _run_child(function: str, arguments: dict) -> dict:
+    """Run ``function(arguments)`` in a fresh interpreter; its progress lines reach our stderr."""
     code = f"import json, sys; from nbr_index import bench; print(json.dumps(bench.{function}(json.loads(sys.argv[1]))))"
     completed = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(arguments)], capture_output=True, text=True, check=False,
+        [sys.executable, "-c", code, json.dumps(arguments)], stdout=subprocess.PIPE, text=True, check=False,
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])},
     )
     if completed.returncode != 0:
-        raise RuntimeError(f"memory bench child {function} failed: {completed.stderr.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"memory bench child {function} failed with exit status {completed.returncode} (see above)")
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
@@ -340,18 +344,22 @@ def _measure_pass(arguments: dict) -> dict:
     started = time.perf_counter()
     fraction_done = [0.0]
 
+    report = StderrProgress(f"nbr-index bench --mode memory N={reader.n}", every_seconds=60.0)
+
     def stop_after_max_seconds(done: int, total: int) -> None:
         fraction_done[0] = done / total
+        report(done, total)
         if time.perf_counter() - started > max_seconds:
             raise RebuildCancelled("memory bench time limit")
 
+    tile_kernel = None
     try:
-        knn_entropy(
+        result = knn_entropy(
             reader, k=arguments["k"], tau=arguments["tau"],
             in_memory_bytes=math.inf if arguments["in_memory"] else 0,
             chunk_read_rows=arguments["chunk_read_rows"], progress=stop_after_max_seconds,
         )
-        completed = True
+        completed, tile_kernel = True, result.details.get("tile_kernel")
     except RebuildCancelled:
         completed = False
     seconds = time.perf_counter() - started
@@ -361,6 +369,7 @@ def _measure_pass(arguments: dict) -> dict:
         "chunk_read_rows": arguments["chunk_read_rows"], "feature_bytes": feature_bytes,
         "rss_before_bytes": rss_before, "peak_rss_bytes": peak, "peak_above_before_bytes": peak - rss_before,
         "extra_over_feature_bytes": peak - rss_before - feature_bytes, "seconds": seconds,
-        "completed": completed, "fraction_done": 1.0 if completed else fraction_done[0],
+        "completed": completed, "fraction_done": 1.0 if completed else fraction_done[0], "tile_kernel": tile_kernel,
+        "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
         "projected_seconds": seconds if completed else seconds / max(fraction_done[0], 1e-9),
     }
