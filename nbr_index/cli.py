@@ -72,8 +72,6 @@ def _launch_options(function):
                      help="Restart all workers this many times when one dies (the round is recomputed)."),
         click.option("--master-port", type=int, default=0, show_default=True,
                      help="Rendezvous port on 127.0.0.1 (0: pick a free one)."),
-        click.option("--stall-seconds", type=float, default=0.0, hidden=True,
-                     help="Test hook: sleep this long at the start of every rebuild."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -94,6 +92,8 @@ def _check_launch(world_size: int, max_restarts: int) -> None:
 @click.option("--round", "round_", type=int, required=True, help="Neighbourhood round to build (1..R).")
 @_compute_options
 @_launch_options
+@click.option("--stall-seconds", type=float, default=0.0, hidden=True,
+              help="Test hook: every worker of the first attempt sleeps this long at its first progress report.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON line.")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 def rebuild(store_url, round_, as_json, quiet, world_size, max_restarts, master_port, stall_seconds,
@@ -142,19 +142,23 @@ def rebuild(store_url, round_, as_json, quiet, world_size, max_restarts, master_
 @click.option("--stall-seconds", type=float, default=0.0, hidden=True,
               help="Test hook: sleep this long at the start of every rebuild.")
 @_compute_options
+@_launch_options
 def serve(store_url, poll_seconds, once, wait_for_store, until_round, progress_seconds, stall_seconds,
-          **options) -> None:
+          world_size, max_restarts, master_port, **options) -> None:
     """Watch the store; rebuild round r as soon as features/round-(r-1) is complete.
 
     Never publishes a round twice or skips one, also across restarts. SIGTERM/SIGINT abandon the
     rebuild in progress (nothing half-published) and exit; exits by itself after the last round.
+    With --world-size W each round is rebuilt by W workers (as rebuild --world-size W).
     """
     from .serve import configure_logging, serve as run_serve
 
+    _check_launch(world_size, max_restarts)
     configure_logging()
     run_serve(
         store_url, poll_seconds=poll_seconds, once=once, wait_for_store=wait_for_store, until_round=until_round,
-        progress_seconds=progress_seconds, stall_seconds=stall_seconds, **_rebuild_options(**options),
+        progress_seconds=progress_seconds, stall_seconds=stall_seconds, world_size=world_size,
+        max_restarts=max_restarts, master_port=master_port, **_rebuild_options(**options),
     )
 
 
