@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("tile_kernel.cpp")
-FLAGS = ["-O3", "-march=native", "-std=c++17", "-fno-math-errno", "-ffp-contract=fast", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-std=c++20", "-fno-math-errno", "-ffp-contract=fast", "-shared", "-fPIC"]
 COMPILERS = ("c++", "g++", "clang++")
 
 _lock = threading.Lock()

@@ -36,12 +36,25 @@ typedef int32_t vi __attribute__((vector_size(4 * W)));
 constexpr int64_t FLUSH_ROWS = 128;
 constexpr float LOWEST_LOGIT = -126.0f;
 
-inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
-inline vi loadi(const int32_t* p) { vi v; std::memcpy(&v, p, sizeof v); return v; }
+// The same code runs on vectors of W lanes (the body of a row) and on single floats (its ragged
+// tail): these overloads are all that differs.
+inline vf load(const float* p, vf) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline float load(const float* p, float) { return *p; }
+inline vi load_index(const int32_t* p, vf) { vi v; std::memcpy(&v, p, sizeof v); return v; }
+inline int32_t load_index(const int32_t* p, float) { return *p; }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline void storei(int32_t* p, vi v) { std::memcpy(p, &v, sizeof v); }
+inline void store(float* p, float v) { *p = v; }
+inline void store_index(int32_t* p, vi v) { std::memcpy(p, &v, sizeof v); }
+inline void store_index(int32_t* p, int32_t v) { *p = v; }
+inline vf select(vi mask, vf a, vf b) { return mask ? a : b; }
+inline float select(bool mask, float a, float b) { return mask ? a : b; }
+inline vi select(vi mask, int32_t a, vi b) { return mask ? (vi{} + a) : b; }
+inline int32_t select(bool mask, int32_t a, int32_t b) { return mask ? a : b; }
+inline vi bits(vf v) { return (vi)v; }
+inline int32_t bits(float v) { int32_t b; std::memcpy(&b, &v, sizeof b); return b; }
+inline vf from_bits(vi b) { return (vf)b; }
+inline float from_bits(int32_t b) { float v; std::memcpy(&v, &b, sizeof v); return v; }
 inline vf splat(float x) { return vf{} + x; }
-inline vi splati(int32_t x) { return vi{} + x; }
 
 constexpr float C1 = 6.931469776e-01f, C2 = 2.402224208e-01f, C3 = 5.550733744e-02f,
                 C4 = 9.671512859e-03f, C5 = 1.326472746e-03f;
@@ -49,36 +62,17 @@ constexpr float ROUNDING = 12582912.0f;  // 1.5 * 2^23: x + it rounds x to an in
 
 // 2^y for y in [-126, ~0]. (bits of y + 1.5 * 2^23) << 23 is n << 23 (the rest shifts out), and
 // adding it to the bits of 2^f (in [0.7, 1.42]) multiplies by 2^n.
-inline vf exp2_vector(vf y) {
-    vf shifted = y + ROUNDING;
-    vf f = y - (shifted - ROUNDING);
-    vf p = (((C5 * f + C4) * f + C3) * f + C2) * f + C1;
+template <class V> inline V exp2_of(V y) {
+    V shifted = y + ROUNDING;
+    V f = y - (shifted - ROUNDING);
+    V p = (((C5 * f + C4) * f + C3) * f + C2) * f + C1;
     p = p * f + 1.0f;
-    return (vf)((vi)p + ((vi)shifted << 23));
+    return from_bits(bits(p) + static_cast<decltype(bits(p))>(bits(shifted) << 23));
 }
 
-inline float exp2_scalar(float y) {
-    float shifted = y + ROUNDING;
-    float f = y - (shifted - ROUNDING);
-    float p = (((C5 * f + C4) * f + C3) * f + C2) * f + C1;
-    p = p * f + 1.0f;
-    int32_t p_bits, n_bits;
-    std::memcpy(&p_bits, &p, sizeof p);
-    std::memcpy(&n_bits, &shifted, sizeof shifted);
-    p_bits += static_cast<int32_t>(static_cast<uint32_t>(n_bits) << 23);
-    std::memcpy(&p, &p_bits, sizeof p);
-    return p;
-}
-
-template <bool CLAMP> inline vf logits(vf value, float scale, float shift) {
-    vf y = scale * value - shift;
-    if (CLAMP) y = y > LOWEST_LOGIT ? y : splat(LOWEST_LOGIT);
-    return y;
-}
-
-template <bool CLAMP> inline float logit(float value, float scale, float shift) {
-    float y = scale * value - shift;
-    if (CLAMP) y = y > LOWEST_LOGIT ? y : LOWEST_LOGIT;
+template <bool CLAMP, class V> inline V logits(V value, float scale, float shift) {
+    V y = scale * value - shift;
+    if (CLAMP) y = select(y > LOWEST_LOGIT, y, V{} + LOWEST_LOGIT);
     return y;
 }
 
@@ -104,14 +98,32 @@ struct Tile {
 inline float row_maximum(const float* row, int64_t cols) {
     const int64_t vector_cols = cols - cols % W;
     vf best = splat(-INFINITY);
-    for (int64_t c = 0; c < vector_cols; c += W) {
-        vf value = load(row + c);
-        best = value > best ? value : best;
-    }
+    for (int64_t c = 0; c < vector_cols; c += W) best = select(load(row + c, vf{}) > best, load(row + c, vf{}), best);
     float maximum = -INFINITY;
     for (int i = 0; i < W; ++i) maximum = best[i] > maximum ? best[i] : maximum;
     for (int64_t c = vector_cols; c < cols; ++c) maximum = row[c] > maximum ? row[c] : maximum;
     return maximum;
+}
+
+// Columns c.. of one row (V: W of them, or one): into the row's sums and maximum and, with
+// COLUMNS, the column accumulators.
+template <bool COLUMNS, bool CLAMP, class V>
+inline void accumulate(const Tile& t, const float* row, int64_t c, int32_t r, float* col_sum32, float* col_dot32,
+                       int32_t* col_max_row, V& sum, V& dot, V& best) {
+    V value = load(row + c, V{});
+    V y = logits<CLAMP>(value, t.scale, t.shift);
+    V e = exp2_of(y);
+    sum += e;
+    dot += e * y;
+    best = select(value > best, value, best);
+    if (COLUMNS) {
+        store(col_sum32 + c, load(col_sum32 + c, V{}) + e);
+        store(col_dot32 + c, load(col_dot32 + c, V{}) + e * y);
+        V column_best = load(t.col_max + c, V{});
+        auto better = value > column_best;  // strict: the earlier (lower) row wins a tie
+        store(t.col_max + c, select(better, value, column_best));
+        store_index(col_max_row + c, select(better, r, load_index(col_max_row + c, V{})));
+    }
 }
 
 // One row's sums and maximum; with COLUMNS, its contributions to the column accumulators too.
@@ -120,22 +132,8 @@ inline void row_pass(const Tile& t, const float* row, int32_t r, float* col_sum3
                      int32_t* col_max_row, float& row_sum, float& row_dot, float& maximum) {
     const int64_t vector_cols = t.cols - t.cols % W;
     vf sum = splat(0.0f), dot = splat(0.0f), best = splat(-INFINITY);
-    const vi row_index = splati(r);
     for (int64_t c = 0; c < vector_cols; c += W) {
-        vf value = load(row + c);
-        vf y = logits<CLAMP>(value, t.scale, t.shift);
-        vf e = exp2_vector(y);
-        sum += e;
-        dot += e * y;
-        best = value > best ? value : best;
-        if (COLUMNS) {
-            store(col_sum32 + c, load(col_sum32 + c) + e);
-            store(col_dot32 + c, load(col_dot32 + c) + e * y);
-            vf column_best = load(t.col_max + c);
-            vi better = value > column_best;  // strict: the earlier (lower) row wins a tie
-            store(t.col_max + c, better ? value : column_best);
-            storei(col_max_row + c, better ? row_index : loadi(col_max_row + c));
-        }
+        accumulate<COLUMNS, CLAMP>(t, row, c, r, col_sum32, col_dot32, col_max_row, sum, dot, best);
     }
     row_sum = 0.0f; row_dot = 0.0f; maximum = -INFINITY;
     for (int i = 0; i < W; ++i) {
@@ -143,18 +141,8 @@ inline void row_pass(const Tile& t, const float* row, int32_t r, float* col_sum3
         row_dot += dot[i];
         maximum = best[i] > maximum ? best[i] : maximum;
     }
-    for (int64_t c = vector_cols; c < t.cols; ++c) {  // the ragged tail
-        float value = row[c];
-        float y = logit<CLAMP>(value, t.scale, t.shift);
-        float e = exp2_scalar(y);
-        row_sum += e;
-        row_dot += e * y;
-        maximum = value > maximum ? value : maximum;
-        if (COLUMNS) {
-            col_sum32[c] += e;
-            col_dot32[c] += e * y;
-            if (value > t.col_max[c]) { t.col_max[c] = value; col_max_row[c] = r; }
-        }
+    for (int64_t c = vector_cols; c < t.cols; ++c) {  // the ragged tail, one column at a time
+        accumulate<COLUMNS, CLAMP>(t, row, c, r, col_sum32, col_dot32, col_max_row, row_sum, row_dot, maximum);
     }
 }
 

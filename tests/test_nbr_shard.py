@@ -26,6 +26,8 @@ from storage import Store
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 N, DIM = 700, 16
+# The real processes run the CPU's 1024-row tiles: 3 row blocks, so up to 3 workers.
+PROCESS_N = 2500
 CURRICULUM = {"rounds": 2, "k": 2, "tau": 0.1, "mode": "progressive"}
 
 
@@ -113,7 +115,7 @@ def assert_same_round(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rows", [unit_rows(N, DIM, seed=5), duplicate_heavy_rows(N, DIM, seed=6)],
+@pytest.mark.parametrize("rows", [unit_rows(PROCESS_N, DIM, seed=5), duplicate_heavy_rows(PROCESS_N, DIM, seed=6)],
                          ids=["random", "duplicates"])
 def test_two_workers_publish_what_one_process_publishes(tmp_path, rows):
     one, two = make_store(tmp_path / "one", rows), make_store(tmp_path / "two", rows)
@@ -141,7 +143,7 @@ def _worker_pids(launcher_pid):
 
 @pytest.mark.slow
 def test_a_killed_worker_is_restarted_and_the_round_is_published_once_as_without_the_kill(tmp_path):
-    rows = duplicate_heavy_rows(N, DIM, seed=7)
+    rows = duplicate_heavy_rows(PROCESS_N, DIM, seed=7)
     whole, killed = make_store(tmp_path / "whole", rows), make_store(tmp_path / "killed", rows)
     assert nbr_index("rebuild", "--store", whole.url, "--round", 1, "--quiet").returncode == 0
     log = tmp_path / "killed.log"
