@@ -20,7 +20,7 @@ from storage.errors import UserError
 from .backends import knn_entropy, resolve_backend, resolve_device
 from .curriculum import MODES, check_round, neighbour_consistency, neighbourhood_consistency, select_anchors
 from .errors import FeaturesNotReadyError, InvalidFeaturesError, InvalidParameterError
-from .fused import BlockSizes, Progress, check_shard_count, default_block_sizes, tile_rows
+from .fused import BlockSizes, Progress, check_shard_count, default_block_sizes, row_block_count, tile_rows
 from .shard import ProcessGroupShard
 
 # Used when the store records no curriculum (the trainer normally writes one).
@@ -132,8 +132,9 @@ def rebuild(
     ``knn_entropy`` (in_memory_bytes, chunk_read_rows, block_sizes, matmul_precision, workers,
     nlist, nprobe). Returns the published round, or the one found already published.
     shard: this process's part of a rebuild split over a process group (``nbr_index.shard``):
-    every worker calls rebuild, they compute the tiles together (backend torch; a FAISS backend
-    runs on rank 0 alone), rank 0 publishes, and every worker returns the round.
+    every worker calls rebuild, they compute the tiles together (backend torch, at most one
+    worker per row block; otherwise rank 0 computes alone), rank 0 publishes, and every worker
+    returns the round.
     Raises UserError subclasses, with nothing published, for bad parameters, features that are
     missing/incomplete/invalid, an unavailable backend/device, or (sharded) workers that do not
     see the same store.
@@ -142,8 +143,12 @@ def rebuild(
     shard = shard or ProcessGroupShard(0, 1)
     prepared = error = None
     try:
-        # Only the fused pass splits its tiles; a FAISS backend runs on rank 0 while the others wait.
-        split = shard.count > 1 and resolve_backend(backend, resolve_device(device)) == "torch"
+        # Only the fused pass splits its tiles, over at most one worker per row block; a FAISS
+        # backend (or a pass too small to split) runs on rank 0 while the others wait.
+        torch_device = resolve_device(device)
+        blocks = row_block_count(store.info.n, tile_rows(store.info.n, compute_options.get("block_sizes")
+                                                         or default_block_sizes(torch_device)))
+        split = 1 < shard.count <= blocks and resolve_backend(backend, torch_device) == "torch"
         prepared = _prepare(store, round, backend, device, shard.count if split else 1,
                             compute_options.get("block_sizes"), rounds=rounds, k=k, tau=tau, mode=mode)
     except UserError as failure:

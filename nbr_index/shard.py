@@ -169,9 +169,12 @@ def rebuild_as_worker(store_url: str, round: int, shard: ProcessGroupShard, *, s
     from .progress import StderrProgress
     from .rebuild import rebuild
 
+    from .rebuild import check_rebuild_arguments
+
     store = error = None
     try:
         store = Store.open(store_url)
+        check_rebuild_arguments(store, round, world_size=shard.count, **rebuild_options)  # W <= row blocks, ...
     except UserError as failure:
         error = failure
     shard.agree({}, error)
