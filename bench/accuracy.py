@@ -294,15 +294,19 @@ def plot(table: dict, protocol: Protocol, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    colours = {method: f"C{i}" for i, method in enumerate(sorted({name.split("/")[1] for name in table}))}
     for name, row in sorted(table.items()):
+        implementation, method = name.split("/")
         rounds = list(range(len(row["knn_per_round"])))
-        style = "-" if name.startswith("project") else "--"
+        style = dict(color=colours[method], linestyle="-" if implementation == "project" else "--",
+                     marker="o" if implementation == "project" else "s", capsize=3)
         means, stds = zip(*row["knn_per_round"])
-        left.errorbar(rounds, means, yerr=stds, marker="o", linestyle=style, capsize=3, label=f"{name} ({row['seeds']} seeds)")
+        left.errorbar(rounds, means, yerr=stds, label=f"{name} ({row['seeds']} seeds)", **style)
         cons = [(i, m, s) for i, (m, s) in enumerate(row["consistency_per_round"]) if m == m]
         if cons:
-            right.errorbar([c[0] for c in cons], [c[1] for c in cons], yerr=[c[2] for c in cons], marker="o",
-                           linestyle=style, capsize=3, label=name)
+            right.errorbar([c[0] for c in cons], [c[1] for c in cons], yerr=[c[2] for c in cons], label=name, **style)
+        left.set_xticks(rounds)
+        right.set_xticks(rounds)
     left.set(xlabel="training round", ylabel="kNN top-1 (%)", title=f"{protocol.name}: kNN after each round")
     right.set(xlabel="training round", ylabel="anchors' neighbours of the same class (%)",
               title="anchor neighbourhood consistency")

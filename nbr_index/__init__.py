@@ -5,7 +5,7 @@ neighbours (Eq 1) and its softmax entropy (Eq 5); selects the curriculum's ancho
 publishes them to the store as ``neighbourhoods/round-r``. Public API::
 
     from nbr_index import knn_entropy, KnnEntropy, select_anchors, neighbourhood_consistency,
-                          rebuild, RebuildResult
+                          rebuild, RebuildResult, ProcessGroupShard
 """
 
 from .backends import BACKENDS, KnnEntropy, knn_entropy
@@ -13,6 +13,7 @@ from .curriculum import anchor_count, neighbour_consistency, neighbourhood_consi
 from .errors import (BackendUnavailableError, FeaturesNotReadyError, InvalidFeaturesError, InvalidParameterError,
                      NbrIndexError, RebuildCancelled)
 from .rebuild import RebuildResult, rebuild
+from .shard import ProcessGroupShard
 
 __all__ = [
     "BACKENDS",
@@ -23,6 +24,7 @@ __all__ = [
     "KnnEntropy",
     "NbrIndexError",
     "RebuildCancelled",
+    "ProcessGroupShard",
     "RebuildResult",
     "anchor_count",
     "knn_entropy",

@@ -4,10 +4,10 @@ Backends:
 - ``torch``: the fused blocked pass (``fused.py``) gives neighbours and entropy together.
 - ``faiss``: exact IndexFlatIP k-NN (faiss-gpu on CUDA) plus the blocked pass for the entropy.
 - ``faiss-ivf``: approximate IVF-Flat k-NN (recall@k reported) plus the blocked entropy pass.
-- ``auto``: the fastest exact path, which is ``torch`` on both devices. Measured on 2 shared CPU
-  cores: N = 50k, the fused pass 5.7 s vs FAISS's k-NN alone 6.2 s (``nbr-index bench``); N = 20k,
-  backend torch 4.4 s vs backend faiss (k-NN + the entropy pass) 9.8 s. On CUDA the fused pass
-  with the Triton tile kernel is the one designed to approach a bare GEMM pass.
+- ``auto``: the fastest exact path, which is ``torch`` on both devices: the symmetric fused pass
+  computes half of the N x N products, FAISS's k-NN all of them (``nbr-index bench`` measures
+  both, README "Benchmarks and measurements"). On CUDA the fused pass with the Triton tile
+  kernel is the one designed to approach a bare GEMM pass.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from .errors import BackendUnavailableError, InvalidFeaturesError, InvalidParameterError
 from .faiss_backend import default_nlist, faiss_gpu_available, flat_knn, import_faiss, ivf_knn
 from .features import DEFAULT_CHUNK_READ_ROWS, DEFAULT_IN_MEMORY_BYTES, DEFAULT_NORM_TOLERANCE, open_features
-from .fused import BlockSizes, Progress, knn_entropy_pass
+from .fused import BlockSizes, Progress, Shard, knn_entropy_pass
 
 BACKENDS = ("auto", "torch", "faiss", "faiss-ivf")
 DEVICES = ("cpu", "cuda")
@@ -66,6 +66,7 @@ def knn_entropy(
     nprobe: int = 32,
     norm_tolerance: float = DEFAULT_NORM_TOLERANCE,
     expected_dim: int | None = None,
+    shard: Shard | None = None,
 ) -> KnnEntropy:
     """k nearest neighbours (cosine, self excluded) and softmax entropy of every row.
 
@@ -73,6 +74,8 @@ def knn_entropy(
     when its snapshot is at most ``in_memory_bytes`` and in row chunks of ``chunk_read_rows``
     otherwise. Rows must be L2-normalised (|norm - 1| <= norm_tolerance) and finite.
     expected_dim: when given, a different feature dimension is an error.
+    shard: this worker's share of a pass split over several processes (``nbr_index.shard``);
+    backend torch only. Every worker returns the whole result.
     """
     started = time.perf_counter()
     torch_device = resolve_device(device)
@@ -85,6 +88,9 @@ def knn_entropy(
     if k >= source.n:
         raise InvalidParameterError(f"k must satisfy 1 <= k < N = {source.n} (self is excluded), got k = {k}")
 
+    if shard is not None and shard.count > 1 and backend != "torch":
+        raise InvalidParameterError(f"a rebuild split over workers needs backend torch (or auto), got {backend}")
+
     pass_options = dict(
         block_sizes=block_sizes,
         matmul_precision=matmul_precision,
@@ -92,6 +98,7 @@ def knn_entropy(
         workers=workers,
         tile_kernel=tile_kernel,
         progress=progress,
+        shard=shard,
     )
     details: dict = {"matmul_precision": matmul_precision}
     recall = None
@@ -101,7 +108,8 @@ def knn_entropy(
         entropy = result.entropy.numpy()
     else:
         # Entropy first: the pass validates every row before FAISS sees them.
-        entropy = knn_entropy_pass(source, 0, tau, **pass_options).entropy.numpy()
+        result = knn_entropy_pass(source, 0, tau, **pass_options)
+        entropy = result.entropy.numpy()
         use_gpu = torch_device.type == "cuda"
         if backend == "faiss":
             knn = flat_knn(source, k, use_gpu=use_gpu, progress=progress)
@@ -112,6 +120,9 @@ def knn_entropy(
             details.update(nlist=nlist, nprobe=min(nprobe, nlist))
             recall = knn.recall
         neighbours, similarities = knn.neighbours, knn.similarities
+    details["tile_kernel"] = result.tile_kernel
+    if shard is not None:
+        details["world_size"] = shard.count
     return KnnEntropy(
         neighbours=neighbours,
         similarities=similarities,

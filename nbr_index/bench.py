@@ -5,7 +5,9 @@ Speed (``nbr-index bench``), on the same random unit vectors, in one process:
   (a) FAISS IndexFlatIP top-(k+1) alone (faiss-gpu on CUDA when importable),
   (b) the unfused reference (``reference.unfused_knn_entropy``),
   (c) our fused pass (``knn_entropy``, backend torch),
-  (d) matmul only: the same tiles through a bare GEMM into a preallocated buffer,
+  (d) matmul only: the tiles the fused pass computes (I <= J, half the matrix) through a bare
+      GEMM into a preallocated buffer, scheduled like the pass,
+  (e) the full blocked matmul: every tile of the N x N matrix (the GPU target's anchor),
 with peak memory per stage and a check of (c) against (b). Timings on a shared machine are noisy:
 compare the ratios of one run, and use --repeat (the minimum of each stage is reported).
 
@@ -32,7 +34,10 @@ import torch
 from .backends import knn_entropy, resolve_device
 from .errors import RebuildCancelled
 from .faiss_backend import faiss_gpu_available, import_faiss
-from .fused import BlockSizes, _intra_op_threads, _QueryBlock, _Schedule, default_block_sizes
+from .features import InMemoryFeatures
+from .fused import (GemmWorker, SuperBlockPair, TileRun, WholePass, _intra_op_threads, default_block_sizes,
+                    plan_tiles, row_block_count, run_plan, tile_rows)
+from .progress import StderrProgress
 from .reference import unfused_knn_entropy
 
 
@@ -67,16 +72,22 @@ def run_speed_bench(
         return output
 
     faiss_label = _faiss_label(torch_device)
+    # CUDA: (c) with the one-read Triton kernel where triton is there, (c') with torch ops.
+    tile_kernel = "triton" if torch_device.type == "cuda" and _triton_importable() else "auto"
+    # Warm-up outside the timings: compiles the CPU tile kernel (first use only) or Triton's.
+    knn_entropy(on_device[: min(n, 256)], k=min(k, min(n, 256) - 1), tau=tau, backend="torch", device=device,
+                tile_kernel=tile_kernel)
     for _ in range(repeat):
         if faiss_label is not None:
             outputs["faiss"] = timed("faiss_knn", lambda: _faiss_search(features, k, torch_device))
         fused = timed("fused", lambda: knn_entropy(on_device, k=k, tau=tau, backend="torch", device=device,
-                                                     matmul_precision=matmul_precision))
+                                                     matmul_precision=matmul_precision, tile_kernel=tile_kernel))
         outputs["fused"] = (fused.neighbours, fused.entropy)
         if torch_device.type == "cuda":  # the same pass with the tile statistics as separate torch ops
             timed("fused_torch_ops", lambda: knn_entropy(on_device, k=k, tau=tau, backend="torch", device=device,
                                                          matmul_precision=matmul_precision, tile_kernel="torch"))
-        timed("matmul_only", lambda: _matmul_only(on_device))
+        timed("matmul_only", lambda: _matmul_pass(on_device, full=False))
+        timed("matmul_full", lambda: _matmul_pass(on_device, full=True))
         if reference:
             outputs["reference"] = timed("unfused_reference", lambda: _unfused(on_device, k, tau))
 
@@ -84,7 +95,7 @@ def run_speed_bench(
     report = {
         "n": n, "dim": dim, "k": k, "tau": tau, "device": torch_device.type, "repeat": repeat,
         "threads": torch.get_num_threads(), "matmul_precision": matmul_precision,
-        "faiss": faiss_label, "seconds": seconds, "all_seconds": stages,
+        "faiss": faiss_label, "tile_kernel": fused.details["tile_kernel"], "seconds": seconds, "all_seconds": stages,
         "peak_memory_bytes": peaks,
         "peak_memory_kind": (
             "cuda max_memory_allocated above allocated before the stage" if torch_device.type == "cuda"
@@ -96,6 +107,7 @@ def run_speed_bench(
     if "faiss_knn" in seconds:
         report["ratios"]["fused_over_faiss"] = fused_seconds / seconds["faiss_knn"]
     report["ratios"]["fused_over_matmul"] = fused_seconds / seconds["matmul_only"]
+    report["ratios"]["fused_over_full_matmul"] = fused_seconds / seconds["matmul_full"]
     if reference:
         report["ratios"]["fused_over_reference"] = fused_seconds / seconds["unfused_reference"]
         ref_neighbours, ref_entropy = outputs["reference"]
@@ -129,14 +141,16 @@ def format_speed_report(report: dict) -> str:
     s, peaks = report["seconds"], report["peak_memory_bytes"]
     lines = [
         f"nbr-index bench: N={report['n']} d={report['dim']} k={report['k']} tau={report['tau']} "
-        f"device={report['device']} threads={report['threads']} repeat={report['repeat']} (min of repeats)"
+        f"device={report['device']} threads={report['threads']} repeat={report['repeat']} (min of repeats) "
+        f"tile kernel {report['tile_kernel']}"
     ]
     names = {
         "faiss_knn": f"(a) FAISS k-NN alone [{report['faiss']}]",
         "unfused_reference": "(b) unfused reference (matmul, topk, logsumexp, p*z)",
         "fused": "(c) fused k-NN + entropy (ours)",
         "fused_torch_ops": "(c') same, tile statistics as torch ops (no Triton)",
-        "matmul_only": "(d) matmul only (blocked GEMM, same tiles)",
+        "matmul_only": "(d) matmul only (blocked GEMM, the tiles of (c))",
+        "matmul_full": "(e) full blocked matmul (every tile of N x N)",
     }
     for key, label in names.items():
         if key in s:
@@ -153,6 +167,14 @@ def format_speed_report(report: dict) -> str:
         lines.append(f"  check (c) vs (a): top-1 agreement {report['check_vs_faiss_top1_agreement']:.6f}")
     lines.append(f"  peak memory: {report['peak_memory_kind']}")
     return "\n".join(lines)
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _faiss_label(device: torch.device) -> str | None:
@@ -184,37 +206,21 @@ def _unfused(features: torch.Tensor, k: int, tau: float):
     return neighbours.numpy(), entropy.numpy()
 
 
-def _matmul_only(features: torch.Tensor) -> None:
-    """The GEMM of every tile into a preallocated buffer, scheduled exactly like the fused pass
-    (on CPU: one worker thread per core with single-threaded GEMMs): the floor the pass builds on."""
+def _matmul_pass(features: torch.Tensor, full: bool) -> None:
+    """The GEMM of every tile the fused pass computes (or, with ``full``, of every tile of the
+    N x N matrix) into a preallocated buffer, scheduled exactly like the pass (on CPU: one worker
+    thread per core with single-threaded GEMMs): the floor the pass builds on."""
     device = features.device
-    blocks = default_block_sizes(device)
     n = features.shape[0]
-    blocks = BlockSizes(min(blocks.query_rows, n), min(blocks.db_rows, n))
+    block_rows = tile_rows(n, default_block_sizes(device))
+    if full:
+        blocks = row_block_count(n, block_rows)
+        plan = [SuperBlockPair((0, n), (0, n), [TileRun(row, 0, blocks) for row in range(blocks)])]
+    else:
+        plan = plan_tiles(n, block_rows, n, WholePass())
     workers = 1 if device.type == "cuda" else torch.get_num_threads()
-    query_blocks = [
-        _QueryBlock(features, 0, start, min(start + blocks.query_rows, n), features, 0)
-        for start in range(0, n, blocks.query_rows)
-    ]
     with _intra_op_threads(1 if workers > 1 else None):
-        _Schedule(total_tiles=0, progress=None).run(query_blocks, [_MatmulWorker(blocks, device) for _ in range(workers)])
-
-
-class _MatmulWorker:
-    """Stands in for the fused pass's tile worker: the GEMM only, same (B, C) tile shape."""
-
-    def __init__(self, blocks: BlockSizes, device: torch.device):
-        self.blocks = blocks
-        self.buffer = torch.empty((blocks.query_rows, blocks.db_rows), device=device)
-
-    def run(self, block: _QueryBlock) -> int:
-        queries = block.queries[block.b_start : block.b_stop]
-        tiles = 0
-        for start in range(0, block.database.shape[0], self.blocks.db_rows):
-            database = block.database[start : start + self.blocks.db_rows]
-            torch.mm(queries, database.T, out=self.buffer[: queries.shape[0], : database.shape[0]])
-            tiles += 1
-        return tiles
+        run_plan(InMemoryFeatures(features), plan, [GemmWorker(block_rows, n, device) for _ in range(workers)], None)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -313,17 +319,20 @@ def format_memory_report(report: dict) -> str:
         f"  pass seconds             {report['seconds']:10.1f} s"
         + ("" if report["completed"] else
            f"  (stopped at {100 * report['fraction_done']:.1f}% of tiles; full pass ~{report['projected_seconds']:.0f} s)"),
+        f"  tile kernel {report['tile_kernel']}, {report['threads']} threads, load average at the end "
+        + " / ".join(f"{load:.2f}" for load in report["load_average"]),
     ])
 
 
 def _run_child(function: str, arguments: dict) -> dict:
+    """Run ``function(arguments)`` in a fresh interpreter; its progress lines reach our stderr."""
     code = f"import json, sys; from nbr_index import bench; print(json.dumps(bench.{function}(json.loads(sys.argv[1]))))"
     completed = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(arguments)], capture_output=True, text=True, check=False,
+        [sys.executable, "-c", code, json.dumps(arguments)], stdout=subprocess.PIPE, text=True, check=False,
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])},
     )
     if completed.returncode != 0:
-        raise RuntimeError(f"memory bench child {function} failed: {completed.stderr.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"memory bench child {function} failed with exit status {completed.returncode} (see above)")
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
@@ -349,18 +358,22 @@ def _measure_pass(arguments: dict) -> dict:
     started = time.perf_counter()
     fraction_done = [0.0]
 
+    report = StderrProgress(f"nbr-index bench --mode memory N={reader.n}", every_seconds=60.0)
+
     def stop_after_max_seconds(done: int, total: int) -> None:
         fraction_done[0] = done / total
+        report(done, total)
         if time.perf_counter() - started > max_seconds:
             raise RebuildCancelled("memory bench time limit")
 
+    tile_kernel = None
     try:
-        knn_entropy(
+        result = knn_entropy(
             reader, k=arguments["k"], tau=arguments["tau"],
             in_memory_bytes=math.inf if arguments["in_memory"] else 0,
             chunk_read_rows=arguments["chunk_read_rows"], progress=stop_after_max_seconds,
         )
-        completed = True
+        completed, tile_kernel = True, result.details.get("tile_kernel")
     except RebuildCancelled:
         completed = False
     seconds = time.perf_counter() - started
@@ -370,6 +383,7 @@ def _measure_pass(arguments: dict) -> dict:
         "chunk_read_rows": arguments["chunk_read_rows"], "feature_bytes": feature_bytes,
         "rss_before_bytes": rss_before, "peak_rss_bytes": peak, "peak_above_before_bytes": peak - rss_before,
         "extra_over_feature_bytes": peak - rss_before - feature_bytes, "seconds": seconds,
-        "completed": completed, "fraction_done": 1.0 if completed else fraction_done[0],
+        "completed": completed, "fraction_done": 1.0 if completed else fraction_done[0], "tile_kernel": tile_kernel,
+        "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
         "projected_seconds": seconds if completed else seconds / max(fraction_done[0], 1e-9),
     }

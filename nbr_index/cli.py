@@ -62,22 +62,72 @@ def _rebuild_options(rounds, k, tau, mode, backend, device, matmul_precision, np
     )
 
 
+def _launch_options(function):
+    """Options shared by rebuild and serve: W workers under torch's elastic agent."""
+    options = [
+        click.option("--world-size", type=int, default=1, show_default=True,
+                     help="Local workers splitting the tiles (torch elastic agent; gloo on CPU, nccl on CUDA); "
+                          "ignored under an outer torchrun, which sets the world itself."),
+        click.option("--max-restarts", type=int, default=0, show_default=True,
+                     help="Restart all workers this many times when one dies (the round is recomputed)."),
+        click.option("--master-port", type=int, default=0, show_default=True,
+                     help="Rendezvous port on 127.0.0.1 (0: pick a free one)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _check_launch(world_size: int, max_restarts: int) -> None:
+    from .launch import LaunchError
+
+    if world_size < 1:
+        raise LaunchError(f"--world-size must be at least 1, got {world_size}")
+    if max_restarts < 0:
+        raise LaunchError(f"--max-restarts must be 0 or more, got {max_restarts}")
+
+
 @main.command()
 @click.option("--store", "store_url", required=True, help="Store path or fsspec URL.")
 @click.option("--round", "round_", type=int, required=True, help="Neighbourhood round to build (1..R).")
 @_compute_options
+@_launch_options
+@click.option("--stall-seconds", type=float, default=0.0, hidden=True,
+              help="Test hook: every worker of the first attempt sleeps this long at its first progress report.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON line.")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
-def rebuild(store_url, round_, as_json, quiet, **options) -> None:
+def rebuild(store_url, round_, as_json, quiet, world_size, max_restarts, master_port, stall_seconds,
+            **options) -> None:
     """Build neighbourhoods/round-ROUND from features/round-(ROUND-1) and publish it.
 
-    Idempotent: a round already published is reported, not recomputed.
+    Idempotent: a round already published is reported, not recomputed. With --world-size W, W
+    workers compute the tiles together and publish the same round one process would.
     """
+    from .launch import launched_by_torchrun
     from .rebuild import rebuild as run_rebuild
 
-    store = Store.open(store_url)
-    progress = None if quiet else StderrProgress(f"nbr-index rebuild round {round_}")
-    result = run_rebuild(store, round_, progress=progress, **_rebuild_options(**options))
+    options = _rebuild_options(**options)
+    if launched_by_torchrun():  # an outer torchrun made this process one worker
+        from .launch import leave_process_group
+        from .shard import join_launcher_group, rebuild_as_worker
+
+        shard, options["device"] = join_launcher_group(options["device"])
+        try:
+            result = rebuild_as_worker(store_url, round_, shard, stall_seconds=stall_seconds, quiet=quiet, **options)
+        finally:
+            leave_process_group()
+        if not shard.is_main:
+            return
+    elif world_size == 1 and max_restarts == 0 and stall_seconds == 0:
+        store = Store.open(store_url)
+        progress = None if quiet else StderrProgress(f"nbr-index rebuild round {round_}")
+        result = run_rebuild(store, round_, progress=progress, **options)
+    else:
+        from .shard import rebuild_sharded
+
+        _check_launch(world_size, max_restarts)
+        result = rebuild_sharded(store_url, round_, world_size, max_restarts=max_restarts, master_port=master_port,
+                                 stall_seconds=stall_seconds, quiet=quiet, **options)
     click.echo(json.dumps(result.to_json(), sort_keys=True) if as_json else result.summary())
 
 
@@ -94,20 +144,23 @@ def rebuild(store_url, round_, as_json, quiet, **options) -> None:
 @click.option("--stall-seconds", type=float, default=0.0, hidden=True,
               help="Test hook: sleep this long at the start of every rebuild.")
 @_compute_options
+@_launch_options
 def serve(store_url, poll_seconds, once, wait_for_store, until_round, progress_seconds, ready_file, stall_seconds,
-          **options) -> None:
+          world_size, max_restarts, master_port, **options) -> None:
     """Watch the store; rebuild round r as soon as features/round-(r-1) is complete.
 
     Never publishes a round twice or skips one, also across restarts. SIGTERM/SIGINT abandon the
     rebuild in progress (nothing half-published) and exit; exits by itself after the last round.
+    With --world-size W each round is rebuilt by W workers (as rebuild --world-size W).
     """
     from .serve import configure_logging, serve as run_serve
 
+    _check_launch(world_size, max_restarts)
     configure_logging()
     run_serve(
         store_url, poll_seconds=poll_seconds, once=once, wait_for_store=wait_for_store, until_round=until_round,
-        progress_seconds=progress_seconds, stall_seconds=stall_seconds, ready_file=ready_file,
-        **_rebuild_options(**options),
+        progress_seconds=progress_seconds, stall_seconds=stall_seconds, ready_file=ready_file, world_size=world_size,
+        max_restarts=max_restarts, master_port=master_port, **_rebuild_options(**options),
     )
 
 

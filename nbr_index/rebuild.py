@@ -15,11 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from storage import Store
+from storage.errors import UserError
 
 from .backends import knn_entropy, resolve_backend, resolve_device
 from .curriculum import MODES, check_round, neighbour_consistency, neighbourhood_consistency, select_anchors
 from .errors import FeaturesNotReadyError, InvalidFeaturesError, InvalidParameterError
-from .fused import Progress
+from .fused import BlockSizes, Progress, check_shard_count, default_block_sizes, row_block_count, tile_rows
+from .shard import ProcessGroupShard
 
 # Used when the store records no curriculum (the trainer normally writes one).
 DEFAULT_CURRICULUM = {"rounds": 4, "k": 1, "tau": 0.1, "mode": "progressive"}
@@ -73,28 +75,21 @@ def store_curriculum(store: Store) -> dict:
     """{"rounds", "k", "tau", "mode"}: what the trainer recorded in the store, defaults for the rest."""
     return {**DEFAULT_CURRICULUM, **(store.info.curriculum or {})}
 
-def rebuild(
-    store: Store,
-    round: int,
-    *,
-    rounds: int | None = None,
-    k: int | None = None,
-    tau: float | None = None,
-    mode: str | None = None,
-    backend: str = "auto",
-    device: str = "cpu",
-    progress: Progress | None = None,
-    **compute_options,
-) -> RebuildResult:
-    """Compute and publish neighbourhoods/round-``round`` from features/round-(round-1).
 
-    rounds, k, tau, mode default to ``store.info.curriculum``. compute_options go to
-    ``knn_entropy`` (in_memory_bytes, chunk_read_rows, block_sizes, matmul_precision, workers,
-    nlist, nprobe). Returns the published round, or the one found already published.
-    Raises UserError subclasses, with nothing published, for bad parameters, features that are
-    missing/incomplete/invalid, or an unavailable backend/device.
-    """
-    started = time.perf_counter()
+@dataclass(frozen=True)
+class _Parameters:
+    rounds: int
+    k: int
+    tau: float
+    mode: str
+
+
+def check_rebuild_arguments(store: Store, round: int, *, rounds: int | None = None, k: int | None = None,
+                            tau: float | None = None, mode: str | None = None, backend: str = "auto",
+                            device: str = "cpu", world_size: int = 1, block_sizes: BlockSizes | None = None,
+                            **_compute_options) -> _Parameters:
+    """The curriculum parameters of ``round`` (defaults from the store), or a one-line error for
+    bad ones, an unusable backend or device, or a world size the pass cannot be split into."""
     curriculum = store_curriculum(store)
     rounds = curriculum["rounds"] if rounds is None else rounds
     k = curriculum["k"] if k is None else k
@@ -108,11 +103,121 @@ def rebuild(
         raise InvalidParameterError(f"k must satisfy 1 <= k < N = {n} (self is excluded), got k = {k!r}")
     if not (tau > 0 and math.isfinite(tau)):
         raise InvalidParameterError(f"tau must be a positive temperature, got {tau}")
+    torch_device = resolve_device(device)
+    resolved = resolve_backend(backend, torch_device)  # an unusable backend/device fails before any work
+    if world_size != 1:
+        if resolved != "torch":
+            raise InvalidParameterError(f"--world-size {world_size} needs backend torch (or auto), got {backend}")
+        check_shard_count(n, tile_rows(n, block_sizes or default_block_sizes(torch_device)), world_size)
+    return _Parameters(int(rounds), int(k), tau, mode)
 
-    resolve_backend(backend, resolve_device(device))  # an unusable backend/device fails before any work
 
+def rebuild(
+    store: Store,
+    round: int,
+    *,
+    rounds: int | None = None,
+    k: int | None = None,
+    tau: float | None = None,
+    mode: str | None = None,
+    backend: str = "auto",
+    device: str = "cpu",
+    progress: Progress | None = None,
+    shard: ProcessGroupShard | None = None,
+    **compute_options,
+) -> RebuildResult:
+    """Compute and publish neighbourhoods/round-``round`` from features/round-(round-1).
+
+    rounds, k, tau, mode default to ``store.info.curriculum``. compute_options go to
+    ``knn_entropy`` (in_memory_bytes, chunk_read_rows, block_sizes, matmul_precision, workers,
+    nlist, nprobe). Returns the published round, or the one found already published.
+    shard: this process's part of a rebuild split over a process group (``nbr_index.shard``):
+    every worker calls rebuild, they compute the tiles together (backend torch, at most one
+    worker per row block; otherwise rank 0 computes alone), rank 0 publishes, and every worker
+    returns the round.
+    Raises UserError subclasses, with nothing published, for bad parameters, features that are
+    missing/incomplete/invalid, an unavailable backend/device, or (sharded) workers that do not
+    see the same store.
+    """
+    started = time.perf_counter()
+    shard = shard or ProcessGroupShard(0, 1)
+    prepared = error = None
+    try:
+        # Only the fused pass splits its tiles, over at most one worker per row block; a FAISS
+        # backend (or a pass too small to split) runs on rank 0 while the others wait.
+        torch_device = resolve_device(device)
+        blocks = row_block_count(store.info.n, tile_rows(store.info.n, compute_options.get("block_sizes")
+                                                         or default_block_sizes(torch_device)))
+        split = 1 < shard.count <= blocks and resolve_backend(backend, torch_device) == "torch"
+        prepared = _prepare(store, round, backend, device, shard.count if split else 1,
+                            compute_options.get("block_sizes"), rounds=rounds, k=k, tau=tau, mode=mode)
+    except UserError as failure:
+        error = failure
+    views = shard.agree(None if prepared is None else prepared.view, error)
+    if any(view["_published"] for view in views):
+        return published_result(store, round, published=False)
+    if not split and not shard.is_main:
+        shard.barrier()
+        return published_result(store, round, published=False)
+
+    parameters, reader = prepared.parameters, prepared.reader
+    n = store.info.n
+    result = knn_entropy(
+        reader, k=parameters.k, tau=parameters.tau, backend=backend, device=device, progress=progress,
+        expected_dim=store.info.dim, shard=shard if split else None, **compute_options,
+    )
+    anchor = select_anchors(result.entropy, round, parameters.rounds, parameters.mode)
+    attrs = {
+        "round": round,
+        "rounds": parameters.rounds,
+        "k": parameters.k,
+        "tau": parameters.tau,
+        "fraction": float(anchor.sum()) / n,
+        "mode": parameters.mode,
+        "source_features_round": round - 1,
+        "source_checksum": reader.checksum,
+        "backend": result.backend,
+        "device": result.device,
+        **{key: value for key, value in result.details.items() if value is not None},
+    }
+    if result.recall is not None:
+        attrs["recall"] = result.recall
+    labels = store.read_labels()
+    if labels is not None and anchor.any():
+        attrs["consistency"] = neighbourhood_consistency(result.neighbours, anchor, labels)
+        attrs["neighbour_consistency"] = neighbour_consistency(result.neighbours, anchor, labels)
+    attrs["seconds"] = time.perf_counter() - started
+
+    published = False
+    if shard.is_main:
+        published = store.publish_neighbourhoods(
+            round, result.neighbours.astype(np.int64, copy=False), result.entropy.astype(np.float32, copy=False),
+            anchor, attrs,
+        )
+    shard.barrier()  # rank 0 has published (or found the round there) before any worker returns
+    if not published:  # another worker's round, or another process published it meanwhile
+        return published_result(store, round, published=False)
+    return RebuildResult(round, True, result.neighbours, result.entropy, anchor, {**attrs, "anchors": int(anchor.sum())})
+
+
+@dataclass
+class _Prepared:
+    parameters: _Parameters
+    reader: object  # storage.FeatureReader of features/round-(round-1); None when published already
+    view: dict  # what this worker is about to compute (compared across the workers of a shard)
+
+
+def _prepare(store: Store, round: int, backend: str, device: str, world_size: int, block_sizes,
+             **parameters) -> _Prepared:
+    """Check everything and open the source snapshot, before any work; raises one-line errors."""
+    checked = check_rebuild_arguments(store, round, backend=backend, device=device, world_size=world_size,
+                                      block_sizes=block_sizes, **parameters)
+    n = store.info.n
+    view = {"n": n, "dim": store.info.dim, "dataset_id": store.info.dataset_id, "round": round,
+            "rounds": checked.rounds, "k": checked.k, "tau": checked.tau, "mode": checked.mode, "backend": backend,
+            "block_rows": tile_rows(n, block_sizes or default_block_sizes(resolve_device(device)))}
     if round in store.published_rounds():
-        return _published(store, round, published=False)
+        return _Prepared(checked, None, {**view, "_published": True})
 
     source_round = round - 1
     complete = store.complete_feature_rounds()
@@ -128,42 +233,10 @@ def rebuild(
             f"features round {source_round} has shape ({reader.n}, {reader.dim}) but the store "
             f"is for ({n}, {store.info.dim}); the snapshot does not belong to this store"
         )
-
-    result = knn_entropy(
-        reader, k=int(k), tau=tau, backend=backend, device=device, progress=progress,
-        expected_dim=store.info.dim, **compute_options,
-    )
-    anchor = select_anchors(result.entropy, round, rounds, mode)
-    attrs = {
-        "round": round,
-        "rounds": int(rounds),
-        "k": int(k),
-        "tau": tau,
-        "fraction": float(anchor.sum()) / n,
-        "mode": mode,
-        "source_features_round": source_round,
-        "source_checksum": reader.checksum,
-        "backend": result.backend,
-        "device": result.device,
-        **{key: value for key, value in result.details.items() if value is not None},
-    }
-    if result.recall is not None:
-        attrs["recall"] = result.recall
-    labels = store.read_labels()
-    if labels is not None and anchor.any():
-        attrs["consistency"] = neighbourhood_consistency(result.neighbours, anchor, labels)
-        attrs["neighbour_consistency"] = neighbour_consistency(result.neighbours, anchor, labels)
-    attrs["seconds"] = time.perf_counter() - started
-
-    published = store.publish_neighbourhoods(
-        round, result.neighbours.astype(np.int64, copy=False), result.entropy.astype(np.float32, copy=False),
-        anchor, attrs,
-    )
-    if not published:  # another process published it meanwhile: theirs is the round
-        return _published(store, round, published=False)
-    return RebuildResult(round, True, result.neighbours, result.entropy, anchor, {**attrs, "anchors": int(anchor.sum())})
+    return _Prepared(checked, reader, {**view, "source_checksum": reader.checksum, "_published": False})
 
 
-def _published(store: Store, round: int, published: bool) -> RebuildResult:
+def published_result(store: Store, round: int, published: bool) -> RebuildResult:
+    """The round as the store holds it."""
     found = store.read_neighbourhoods(round)
     return RebuildResult(round, published, found.neighbours, found.entropy, found.anchor, dict(found.attrs))

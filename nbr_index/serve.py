@@ -23,6 +23,7 @@ from storage import Store, StoreError
 from .errors import InvalidParameterError, RebuildCancelled
 from .progress import StderrProgress
 from .rebuild import rebuild, store_curriculum
+from .shard import ProcessGroupShard
 
 log = logging.getLogger("nbr_index.serve")
 
@@ -45,53 +46,103 @@ def serve(
     progress_seconds: float = 30.0,
     stall_seconds: float = 0.0,
     ready_file: str | None = None,
+    world_size: int = 1,
+    max_restarts: int = 0,
+    master_port: int = 0,
     **rebuild_options,
 ) -> ServeOutcome:
     """Rebuild rounds of the store at ``store_url`` until round ``until_round`` is published.
 
     until_round: last round to serve (default: the curriculum's R). once: do what can be done now,
-    then return. wait_for_store: wait for the store to be created (default: unless ``once``). rebuild_options go to :func:`nbr_index.rebuild` (k, tau, mode, backend, ...).
+    then return. wait_for_store: wait for the store to be created (default: unless ``once``).
+    rebuild_options go to :func:`nbr_index.rebuild` (k, tau, mode, backend, ...).
+    world_size, max_restarts, master_port: rebuild each round with that many local workers under
+    the elastic agent (``nbr_index.shard.rebuild_sharded``). Under an outer torchrun every process
+    runs this loop as one worker: rank 0 decides what to do next and tells the others.
     stall_seconds: test hook, sleep this long at the start of each rebuild (to kill it mid-round).
     ready_file: a path created once the store is open and watched, and removed on return.
     """
     if poll_seconds <= 0:
         raise InvalidParameterError(f"poll seconds must be positive, got {poll_seconds}")
+    from .launch import launched_by_torchrun, leave_process_group
+
+    if launched_by_torchrun():
+        build, shard = _torchrun_worker_rebuilds(rebuild_options, stall_seconds, progress_seconds)
+    else:
+        build = _local_rebuilds(world_size, max_restarts, master_port, rebuild_options, stall_seconds,
+                                progress_seconds)
+        shard = ProcessGroupShard(0, 1)
     stop = threading.Event()
     published: list[int] = []
-    with _stop_on_signals(stop), _ready_file(ready_file) as mark_ready:
-        wait = not once if wait_for_store is None else wait_for_store
-        store = _wait_for_store(store_url, poll_seconds, wait, stop)
-        if store is None:
-            return ServeOutcome(published, stopped=True)
-        last = _last_round(store, until_round, rebuild_options.get("rounds"))
-        log.info("serving %s: rounds 1..%d, polling every %.1f s", store.url, last, poll_seconds)
-        mark_ready()
-        while not stop.is_set():
-            done = set(store.published_rounds())
-            if all(r in done for r in range(1, last + 1)):
-                log.info("round %d is published: all rounds up to %d done, exiting", last, last)
-                return ServeOutcome(published, stopped=False)
-            ready = set(store.complete_feature_rounds())
-            for round in range(1, last + 1):
-                if round in done or (round - 1) not in ready or stop.is_set():
+    try:
+        with _stop_on_signals(stop), _ready_file(ready_file if shard.is_main else None) as mark_ready:
+            wait = not once if wait_for_store is None else wait_for_store
+            store = _wait_for_store(store_url, poll_seconds, wait, stop)
+            if store is None:
+                return ServeOutcome(published, stopped=True)
+            last = _last_round(store, until_round, rebuild_options.get("rounds"))
+            if shard.is_main:
+                log.info("serving %s: rounds 1..%d, polling every %.1f s%s", store.url, last, poll_seconds,
+                         f", {world_size} workers per round" if world_size > 1 else "")
+            mark_ready()
+            while True:
+                decision = _broadcast(shard, _next_step(store, last, stop, once) if shard.is_main else None)
+                if decision == DONE:
+                    log.info("round %d is published: all rounds up to %d done, exiting", last, last)
+                    return ServeOutcome(published, stopped=False)
+                if decision in (STOPPED, NOTHING_NOW):
+                    if decision == STOPPED:
+                        log.info("stopped by signal; published this run: %s", published or "none")
+                    return ServeOutcome(published, stopped=decision == STOPPED)
+                if decision == WAIT:
+                    stop.wait(poll_seconds)
                     continue
-                result = _rebuild_one(store, round, stop, progress_seconds, stall_seconds, rebuild_options)
+                log.info("features round %d is complete: rebuilding neighbourhood round %d", decision - 1, decision)
+                result = build(store, decision, stop)
                 if result is None:
-                    break  # abandoned by a signal
+                    log.info("signal received: round %d abandoned before publishing (a restart redoes it)", decision)
+                    return ServeOutcome(published, stopped=True)
                 if result.published:
-                    published.append(round)
-                log.info("%s", result.summary())
-            if once:
-                return ServeOutcome(published, stopped=stop.is_set())
-            stop.wait(poll_seconds)
-    log.info("stopped by signal; published this run: %s", published or "none")
-    return ServeOutcome(published, stopped=True)
+                    published.append(decision)
+                if shard.is_main:
+                    log.info("%s", result.summary())
+    finally:
+        leave_process_group()
 
 
-def _rebuild_one(store: Store, round: int, stop: threading.Event, progress_seconds: float,
-                 stall_seconds: float, rebuild_options: dict):
-    """Rebuild one round; None if a signal abandoned it (nothing was published)."""
-    log.info("features round %d is complete: rebuilding neighbourhood round %d", round - 1, round)
+# What to do next, besides a round number to rebuild.
+DONE, WAIT, NOTHING_NOW, STOPPED = "done", "wait", "nothing-now", "stopped"
+
+
+def _next_step(store: Store, last: int, stop: threading.Event, once: bool):
+    """The lowest round 1..last whose features are complete and that is not published yet; or
+    DONE (all published), STOPPED (a signal), NOTHING_NOW (--once and nothing ready), WAIT."""
+    if stop.is_set():
+        return STOPPED
+    done = set(store.published_rounds())
+    if all(r in done for r in range(1, last + 1)):
+        return DONE
+    ready = set(store.complete_feature_rounds())
+    for round in range(1, last + 1):
+        if round not in done and (round - 1) in ready:
+            return round
+    return NOTHING_NOW if once else WAIT
+
+
+def _broadcast(shard: ProcessGroupShard, decision):
+    """Rank 0's decision, on every worker (under an outer torchrun)."""
+    if shard.count == 1:
+        return decision
+    import torch.distributed as dist
+
+    box = [decision]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _stalling_progress(round: int, stop: threading.Event, progress_seconds: float, stall_seconds: float):
+    """progress(done, total) for one rebuild: prints, sleeps once if asked (test hook), and
+    raises RebuildCancelled once ``stop`` is set (nothing is published then)."""
     report = StderrProgress(f"round {round}", every_seconds=progress_seconds)
     stalled = [stall_seconds <= 0]
 
@@ -103,11 +154,56 @@ def _rebuild_one(store: Store, round: int, stop: threading.Event, progress_secon
             raise RebuildCancelled(f"round {round} abandoned")
         report(done, total)
 
-    try:
-        return rebuild(store, round, progress=progress, **rebuild_options)
-    except RebuildCancelled:
-        log.info("signal received: round %d abandoned before publishing (a restart redoes it)", round)
-        return None
+    return progress
+
+
+def _local_rebuilds(world_size: int, max_restarts: int, master_port: int, rebuild_options: dict,
+                    stall_seconds: float, progress_seconds: float):
+    """build(store, round, stop) -> RebuildResult, or None when a signal abandoned it: in this
+    process, or with W workers under the elastic agent."""
+
+    def in_process(store: Store, round: int, stop: threading.Event):
+        try:
+            return rebuild(store, round, progress=_stalling_progress(round, stop, progress_seconds, stall_seconds),
+                           **rebuild_options)
+        except RebuildCancelled:
+            return None
+
+    def with_workers(store: Store, round: int, stop: threading.Event):
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+
+        from .shard import rebuild_sharded
+
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return rebuild_sharded(store.url, round, world_size, max_restarts=max_restarts, master_port=master_port,
+                                   stall_seconds=stall_seconds, progress_seconds=progress_seconds, **rebuild_options)
+        except SignalException:  # the agent stopped the workers on our SIGTERM/SIGINT
+            stop.set()
+            return None
+        finally:  # the agent installs its own handlers while it runs
+            if threading.current_thread() is threading.main_thread():
+                for sig, handler in handlers.items():
+                    signal.signal(sig, handler)
+
+    return in_process if world_size == 1 and max_restarts == 0 else with_workers
+
+
+def _torchrun_worker_rebuilds(rebuild_options: dict, stall_seconds: float, progress_seconds: float):
+    """(build, shard) for one worker of an outer torchrun: every worker rebuilds its share."""
+    from .shard import join_launcher_group
+
+    shard, device = join_launcher_group(rebuild_options.get("device", "cpu"))
+    options = {**rebuild_options, "device": device}
+
+    def build(store: Store, round: int, stop: threading.Event):
+        progress = _stalling_progress(round, stop, progress_seconds, stall_seconds)
+        try:
+            return rebuild(store, round, shard=shard, progress=progress, **options)
+        except RebuildCancelled:
+            return None
+
+    return build, shard
 
 
 def _wait_for_store(url: str, poll_seconds: float, wait: bool, stop: threading.Event) -> Store | None:

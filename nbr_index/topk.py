@@ -13,16 +13,6 @@ from __future__ import annotations
 import torch
 
 
-def top1_lower_index(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row maxima (B,) and the first (lowest) column holding each, (B,) int64.
-
-    ``torch.max(dim=1)`` and ``torch.argmax`` both document that the first maximal index is
-    returned; ``argmax`` is used on CPU after the cheap ``amax`` filter in the fused pass.
-    """
-    best_values, best_columns = torch.max(values, dim=1)
-    return best_values, best_columns
-
-
 def topk_lower_index(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, k) best values and (B, k) columns, ties at equal value going to the lower column.
 

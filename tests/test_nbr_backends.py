@@ -10,7 +10,7 @@ from nbr_index.faiss_backend import default_nlist, recall_at_k
 from nbr_index.fused import BlockSizes
 from nbr_index.reference import brute_force_knn_entropy
 
-TILES = BlockSizes(query_rows=64, db_rows=128)
+TILES = BlockSizes(rows=64)
 
 
 def unit_rows(n, dim, seed=0):

@@ -106,10 +106,10 @@ def test_help_explains_the_commands():
 def test_bench_runs_every_stage_and_checks_the_result():
     result = run("bench", "--n", 600, "--dim", 16, "--json")
     report = json.loads(result.stdout)
-    assert set(report["seconds"]) == {"faiss_knn", "fused", "matmul_only", "unfused_reference"}
+    assert set(report["seconds"]) == {"faiss_knn", "fused", "matmul_only", "matmul_full", "unfused_reference"}
     assert report["check_vs_reference"]["top1_agreement"] == 1.0
     assert report["check_vs_reference"]["max_entropy_rel_error"] < 1e-5
-    assert {"fused_over_faiss", "fused_over_reference", "fused_over_matmul"} <= set(report["ratios"])
+    assert {"fused_over_faiss", "fused_over_reference", "fused_over_matmul", "fused_over_full_matmul"} <= set(report["ratios"])
 
 
 def test_memory_bench_measures_a_chunked_pass_from_a_store(tmp_path):

@@ -14,7 +14,7 @@ from nbr_index.reference import brute_force_knn_entropy
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 # Small tiles: many tiles, ragged edges and off-centre diagonals even at N = 1500.
-TILES = BlockSizes(query_rows=256, db_rows=512)
+TILES = BlockSizes(rows=256)
 
 
 def unit_rows(n, dim, seed=0):

@@ -8,12 +8,14 @@ import torch
 
 from nbr_index import InvalidFeaturesError, InvalidParameterError, RebuildCancelled, knn_entropy
 from nbr_index.features import open_features
+from nbr_index import fused
 from nbr_index.fused import BlockSizes, knn_entropy_pass
 from nbr_index.reference import brute_force_knn_entropy, unfused_knn_entropy
 from nbr_index.topk import merge_topk, topk_by_key, topk_lower_index
 
-# Small tiles so that a few hundred rows make many tiles, ragged edges and off-centre diagonals.
-SMALL_TILES = BlockSizes(query_rows=48, db_rows=80)
+# Small tiles so that a few hundred rows make many tiles and ragged edges (40 divides the chunked
+# test's 200-row reads).
+SMALL_TILES = BlockSizes(rows=40)
 
 
 def unit_rows(n, dim, seed=0):
@@ -166,7 +168,8 @@ def test_progress_reports_tiles_and_can_abandon_the_pass(workers):
     seen = []
     knn_entropy_pass(open_features(rows, torch.device("cpu")), 1, 0.1, block_sizes=SMALL_TILES, workers=workers,
                      progress=lambda done, total: seen.append((done, total)))
-    assert seen[-1] == (45, 45) and all(b >= a for (a, _), (b, _) in zip(seen, seen[1:]))  # 9 x 5 tiles
+    # 10 row blocks of 40: the 10 x 11 / 2 tiles (I, J), I <= J, of the symmetric pass.
+    assert seen[-1] == (55, 55) and all(b >= a for (a, _), (b, _) in zip(seen, seen[1:]))
 
     def cancel(done, total):
         raise RebuildCancelled("stop")
@@ -176,3 +179,49 @@ def test_progress_reports_tiles_and_can_abandon_the_pass(workers):
         knn_entropy_pass(open_features(rows, torch.device("cpu")), 1, 0.1, block_sizes=SMALL_TILES, workers=workers,
                          progress=cancel)
     assert torch.get_num_threads() == threads  # the pass restores torch's thread setting
+
+
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("rows", [unit_rows(450, 16, seed=8), duplicate_heavy_rows(450, 8, seed=9)],
+                         ids=["random", "duplicates"])
+@pytest.mark.parametrize("logic", ["native", "torch", "sync-free"])
+def test_every_tile_path_matches_brute_force(monkeypatch, logic, rows, k):
+    """The native kernel, the torch ops, and the CUDA path's sync-free logic (torch ops with first
+    arguments and key-based top-k, run here on CPU) give the brute-force neighbours and entropy."""
+    if logic == "sync-free":
+        monkeypatch.setattr(fused, "SYNC_FREE_DEVICES", ("cuda", "cpu"))
+    kernel = "native" if logic == "native" else "torch"
+    result = knn_entropy_pass(open_features(rows, torch.device("cpu")), k, 0.1, block_sizes=SMALL_TILES,
+                              tile_kernel=kernel)
+    assert result.tile_kernel == kernel
+    assert_matches_brute_force(result.neighbours.numpy(), result.similarities.numpy(), result.entropy.numpy(),
+                               rows, k, 0.1)
+
+
+def test_chunked_and_in_memory_passes_are_bit_identical():
+    rows = duplicate_heavy_rows(700, 16, distinct=60, seed=5)
+    whole = knn_entropy(rows, k=3, tau=0.1, block_sizes=SMALL_TILES)
+    chunked = knn_entropy(ArrayReader(rows, chunk_rows=100), k=3, tau=0.1, in_memory_bytes=0, chunk_read_rows=250,
+                          block_sizes=SMALL_TILES)
+    np.testing.assert_array_equal(chunked.neighbours, whole.neighbours)
+    np.testing.assert_array_equal(chunked.entropy, whole.entropy)  # the same tiles, sums exact in any order
+
+
+def test_without_a_compiler_the_pass_runs_on_torch_ops(monkeypatch):
+    from nbr_index import native
+
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    rows = unit_rows(200, 8)
+    result = knn_entropy(rows, k=1)
+    assert result.details["tile_kernel"] == "torch"
+    np.testing.assert_array_equal(result.neighbours, brute_force_knn_entropy(rows, 1, 0.1)[0])
+    with pytest.raises(Exception, match="tile kernel native needs a C\\+\\+ compiler"):
+        knn_entropy(rows, k=1, tile_kernel="native")
+
+
+def test_a_temperature_too_small_for_loosely_normalised_rows_is_refused():
+    rows = unit_rows(100, 8)
+    rows[0] *= 0.9995  # within the norm tolerance, but its self term 2^(-1e-3 log2(e) / tau) underflows
+    with pytest.raises(InvalidParameterError, match=r"tau = 1e-05 is too small for these rows.*use tau >= "):
+        knn_entropy(rows, k=1, tau=1e-5)
+    assert np.isfinite(knn_entropy(rows, k=1, tau=0.01).entropy).all()

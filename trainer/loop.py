@@ -293,19 +293,18 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, memory:
 
 def curriculum_for_round(r: int, cfg: TrainConfig, store, world: World, say: Callable[[str], None]) -> Curriculum:
     """Round 0 and the instance method: no anchors. Otherwise neighbourhoods/round-r from the store:
-    rebuilt in-process by rank 0 (``--index inline``) or published by ``nbr-index serve``."""
+    rebuilt in-process by all ranks together (``--index inline``) or published by ``nbr-index serve``."""
     if r == 0 or not cfg.uses_neighbourhoods:
         return Curriculum(None, None, 0, None)
-    if cfg.index == "inline":
-        if world.is_main:
-            from nbr_index import rebuild
+    if cfg.index == "inline":  # every rank computes its share of the tiles; rank 0 publishes
+        from nbr_index import ProcessGroupShard, rebuild
 
-            start = time.perf_counter()
-            result = rebuild(store, r, rounds=cfg.rounds, k=cfg.k, tau=cfg.tau, mode=cfg.anchor_mode,
-                             backend=cfg.index_backend, device=str(world.device))
-            say(f"neighbourhoods/round-{r} rebuilt inline in {time.perf_counter() - start:.1f}s" if result.published
-                else f"neighbourhoods/round-{r} already published (resumed run): using it")
-        world.barrier()
+        start = time.perf_counter()
+        result = rebuild(store, r, rounds=cfg.rounds, k=cfg.k, tau=cfg.tau, mode=cfg.anchor_mode,
+                         backend=cfg.index_backend, device=str(world.device),
+                         shard=ProcessGroupShard(world.rank, world.world_size))
+        say(f"neighbourhoods/round-{r} rebuilt inline in {time.perf_counter() - start:.1f}s" if result.published
+            else f"neighbourhoods/round-{r} already published (resumed run): using it")
     else:
         wait_for_neighbourhoods(store, r, cfg.index_timeout, say)
     nb = store.read_neighbourhoods(r)
