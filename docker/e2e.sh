@@ -23,7 +23,9 @@
 # Environment: E2E_BASE_IMAGE [and-nbr-base:bookworm], E2E_TORCH_INDEX_URL [https://pypi.org/simple:
 # build machines here reach PyPI only; the Dockerfile's default is PyTorch's CPU index],
 # E2E_WORK [a new temporary directory: logs, rootfs], E2E_CASES [all: default rerun kill
-# bad-dataset missing-data], E2E_EPOCHS [3: epochs per round of the cases other than default].
+# bad-dataset missing-data], E2E_EPOCHS [3: epochs per round of the cases other than default],
+# E2E_UP_LIMIT_S [900: each `compose up` must return within this; the default job takes 3-6
+# minutes on 2 loaded cores, so a hang fails the test long before CI's 30 minutes].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +33,7 @@ BASE_IMAGE=${E2E_BASE_IMAGE:-and-nbr-base:bookworm}
 TORCH_INDEX_URL=${E2E_TORCH_INDEX_URL:-https://pypi.org/simple}
 CASES=${E2E_CASES:-default rerun kill bad-dataset missing-data}
 EPOCHS=${E2E_EPOCHS:-3}
+UP_LIMIT_S=${E2E_UP_LIMIT_S:-900}
 ROUNDS=4
 WORK=${E2E_WORK:-$(mktemp -d /tmp/and-e2e.XXXXXX)}
 mkdir -p "$WORK"
@@ -127,8 +130,8 @@ store_json() {  # store_json PROJECT DATASET: `nbr-index inspect --verify --json
 up() {
     local project=$1 log=$2; shift 2
     local status=0
-    env "$@" timeout 1800 "${COMPOSE[@]}" -p "$PROJECT_PREFIX-$project" up --no-color > "$log" 2>&1 || status=$?
-    [ "$status" != 124 ] || fail "$project: compose up did not return within 30 minutes: see $log"
+    env "$@" timeout "$UP_LIMIT_S" "${COMPOSE[@]}" -p "$PROJECT_PREFIX-$project" up --no-color > "$log" 2>&1 || status=$?
+    [ "$status" != 124 ] || fail "$project: compose up did not return within $UP_LIMIT_S s: see $log"
     echo "$status"
 }
 
@@ -241,7 +244,7 @@ case_kill() {
     clean kill
     local log="$WORK/kill.log" nbr_log="$WORK/kill-nbr-index.log" up_pid nbr round_one started
     started=$(now)
-    env AND_EPOCHS_PER_ROUND="$EPOCHS" timeout 1800 "${COMPOSE[@]}" -p "$PROJECT_PREFIX-kill" up --no-color > "$log" 2>&1 &
+    env AND_EPOCHS_PER_ROUND="$EPOCHS" timeout "$UP_LIMIT_S" "${COMPOSE[@]}" -p "$PROJECT_PREFIX-kill" up --no-color > "$log" 2>&1 &
     up_pid=$!
     for _ in $(seq 600); do
         nbr=$(container_of kill nbr-index)

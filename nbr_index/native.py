@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -79,6 +80,11 @@ def load() -> TileKernel | None:
     """The compiled kernel for this machine (compiling it once), or None without a compiler."""
     compiler = _compiler()
     if compiler is None:
+        return None
+    if not SOURCE.exists():
+        # An installation without the package data (a packaging error): slower, still correct.
+        warnings.warn(f"{SOURCE} is missing from this installation: using the torch tile path "
+                      f"(reinstall and-nbr to get the native kernel)", RuntimeWarning, stacklevel=2)
         return None
     with _lock:
         if compiler not in _loaded:

@@ -98,7 +98,7 @@ def serve(
                     stop.wait(poll_seconds)
                     continue
                 log.info("features round %d is complete: rebuilding neighbourhood round %d", decision - 1, decision)
-                result = build(store, decision, stop)
+                result = _build_recording_failure(build, store, decision, stop, shard)
                 if result is None:
                     log.info("signal received: round %d abandoned before publishing (a restart redoes it)", decision)
                     return ServeOutcome(published, stopped=True)
@@ -108,6 +108,20 @@ def serve(
                     log.info("%s", result.summary())
     finally:
         leave_process_group()
+
+
+def _build_recording_failure(build, store: Store, round: int, stop: threading.Event, shard: ProcessGroupShard):
+    """build(store, round, stop), with its error recorded in the store before it propagates: a
+    trainer waiting for ``round`` (``--index service``) then stops with that error at once instead
+    of waiting out its timeout for a round that will not come."""
+    if shard.is_main:
+        store.clear_index_failure(round)
+    try:
+        return build(store, round, stop)
+    except Exception as err:
+        if shard.is_main:
+            store.record_index_failure(round, f"{type(err).__name__}: {err}")
+        raise
 
 
 # What to do next, besides a round number to rebuild.

@@ -25,6 +25,10 @@ accepts (``s3://bucket/run``, ``memory://x``). Nothing outside ``storage/`` know
     neighbours                           (N, k) int64, chunks of chunk_rows rows
     entropy                              (N,) float32
     anchor                               (N,) bool
+<store>/neighbourhoods/.failed-round-0003  written by `nbr-index serve` when rebuilding round 3
+                                         raised (group; attrs: round, error): the trainer waiting
+                                         for that round stops with the error instead of waiting
+                                         out its timeout; removed when a rebuild of it starts
 ```
 
 Checksums: a chunk digest is blake2b-256 over the chunk's little-endian bytes (C order); a
@@ -67,6 +71,7 @@ NEIGHBOUR_ARRAYS = ("neighbours", "entropy", "anchor")   # order fixes the round
 _ROUND_NAME = re.compile(r"^round-(\d{4,})$")
 STAGING_PREFIX = ".staging-"   # features: one deterministic name, shared by all writer ranks
 TMP_PREFIX = ".tmp-"           # single-writer nodes: unique per publish attempt
+FAILED_PREFIX = ".failed-"     # a rebuild's error, for the trainer waiting on that round
 
 
 def round_name(round: int) -> str:
@@ -91,6 +96,11 @@ def features_staging_path(round: int) -> str:
 
 def neighbourhoods_path(round: int) -> str:
     return f"{NEIGHBOURHOODS}/{round_name(round)}"
+
+
+def failure_path(round: int) -> str:
+    """``3 -> 'neighbourhoods/.failed-round-0003'`` (hidden: never taken for a round)."""
+    return f"{NEIGHBOURHOODS}/{FAILED_PREFIX}{round_name(round)}"
 
 
 def tmp_path(final_path: str, unique: str) -> str:

@@ -15,7 +15,7 @@ import zarr
 from storage.checksums import (DIGEST_NAME, combine, from_hex, read_verified, row_chunk_digests,
                                to_hex)
 from storage.errors import StoreError
-from storage.layout import NEIGHBOUR_ARRAYS, NEIGHBOURHOODS, neighbourhoods_path, parse_round_name
+from storage.layout import NEIGHBOUR_ARRAYS, NEIGHBOURHOODS, failure_path, neighbourhoods_path, parse_round_name
 from storage.location import Location
 from storage.publish import is_complete, mark_complete, node_attrs, publish_node, store_io
 from storage.validate import check_array, check_index_range, check_round, jsonable
@@ -131,3 +131,24 @@ def published_rounds(location: Location) -> list[int]:
     """Rounds whose neighbourhoods are published (complete), ascending."""
     rounds = (parse_round_name(name) for name in location.list_dir(NEIGHBOURHOODS))
     return [r for r in rounds if r is not None and is_complete(location, neighbourhoods_path(r))]
+
+
+def record_failure(location: Location, round: int, error: str) -> None:
+    """Note that rebuilding ``round`` raised ``error`` (one line), for whoever waits on it."""
+    check_round(round, "neighbourhood round")
+    with store_io(location, f"record the failure of neighbourhood round {round}"):
+        zarr.create_group(location.zarr_store, path=failure_path(round), overwrite=True,
+                          attributes={"round": round, "error": str(error)})
+
+
+def recorded_failure(location: Location, round: int) -> str | None:
+    """The error recorded for ``round`` by :func:`record_failure`, or None."""
+    attrs = node_attrs(location, failure_path(round))
+    return None if attrs is None else str(attrs.get("error", "unknown error"))
+
+
+def clear_failure(location: Location, round: int) -> None:
+    """Forget a recorded failure (a new rebuild of ``round`` is starting)."""
+    if location.exists(f"{failure_path(round)}/zarr.json"):
+        with store_io(location, f"clear the failure of neighbourhood round {round}"):
+            location.remove(failure_path(round))

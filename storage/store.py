@@ -224,6 +224,17 @@ class Store:
         rounds = self.published_rounds()
         return rounds[-1] if rounds else None
 
+    def record_index_failure(self, round: int, error: str) -> None:
+        """The index process: rebuilding ``round`` raised ``error`` (a one-line message)."""
+        _nbr.record_failure(self._location, round, one_line(error))
+
+    def index_failure(self, round: int) -> str | None:
+        """The error recorded for ``round`` by the index, or None (no failure recorded)."""
+        return _nbr.recorded_failure(self._location, round)
+
+    def clear_index_failure(self, round: int) -> None:
+        _nbr.clear_failure(self._location, round)
+
     # ---------------------------------------------------------------- reporting
     def verify(self) -> _verify.VerifyReport:
         """Recompute every chunk digest and checksum; the report names corrupted chunks."""

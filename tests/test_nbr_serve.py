@@ -131,3 +131,33 @@ def test_serve_once_with_nothing_ready_and_a_missing_store(store, tmp_path):
         capture_output=True, text=True, cwd=REPO,
     )
     assert missing.returncode == 2 and missing.stderr.startswith("error: no store at")
+
+
+def test_a_failed_rebuild_is_recorded_and_stops_the_waiting_trainer_at_once(store, tmp_path):
+    """A corrupted feature chunk makes the rebuild of round 1 raise: serve exits non-zero having
+    recorded the error in the store, and a trainer waiting for round 1 stops with it at once
+    (not after its timeout); a later rebuild of the round clears the record."""
+    from trainer.loop import IndexFailed, wait_for_neighbourhoods
+
+    chunk = tmp_path / "store" / "features" / "round-0000" / "rows" / "c" / "1" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+
+    log_path = tmp_path / "serve.log"
+    serve = start_serve(store.url, log_path, "--until-round", "1")
+    assert serve.wait(timeout=120) != 0, log_text(log_path)
+    failure = store.index_failure(1)
+    assert failure is not None and "features/round-0000/rows/c/1/0 is corrupted" in failure, failure
+    assert 1 not in store.published_rounds()
+
+    start = time.monotonic()
+    with pytest.raises(IndexFailed, match="failed to rebuild neighbourhoods/round-1 .*is corrupted"):
+        wait_for_neighbourhoods(store, 1, timeout=600, say=lambda _: None)
+    assert time.monotonic() - start < 10
+
+    chunk.write_bytes(bytes(data[: len(data) // 2]) + bytes([data[len(data) // 2] ^ 0xFF]) + bytes(data[len(data) // 2 + 1:]))
+    serve = start_serve(store.url, log_path, "--until-round", "1")
+    assert serve.wait(timeout=120) == 0, log_text(log_path)
+    assert store.index_failure(1) is None and 1 in store.published_rounds()
+    assert store.verify().ok

@@ -81,3 +81,28 @@ def test_faiss_comes_only_from_its_own_extras_so_gpu_never_pulls_faiss_cpu():
     assert names(extras["cpu"]) == {"faiss-cpu"} and names(extras["gpu"]) == {"faiss-gpu-cu12"}
     assert names(extras["tensorboard"]) == {"tensorboard"}
     assert {"faiss-cpu", "tensorboard", "pytest"} <= names(extras["dev"])
+
+
+def test_the_built_wheel_carries_every_file_the_packages_read(tmp_path):
+    """A non-editable install (the Docker image's) has only what the wheel carries: the native
+    tile kernel's C++ source must be in it, or every rebuild there fails to find it."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for package in ("storage", "nbr_index", "trainer"):
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "wheel"), str(source)], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "wheel").glob("and_nbr-*.whl")
+    carried = set(zipfile.ZipFile(wheel).namelist())
+    assert "nbr_index/tile_kernel.cpp" in carried
+    read_at_run_time = {str(path.relative_to(source)) for path in source.rglob("*")
+                        if path.is_file() and path.suffix not in (".py", ".pyc")
+                        and path.parts[len(source.parts)] in ("storage", "nbr_index", "trainer")}
+    assert read_at_run_time <= carried, f"not in the wheel: {sorted(read_at_run_time - carried)}"

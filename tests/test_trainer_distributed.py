@@ -132,10 +132,10 @@ def test_two_ranks_train_the_same_network_as_one_process(tmp_path):
     """Two epochs (24 steps; the instance loss, so no rebuild in between) at W = 2 and at W = 1
     from the same seed: the same global batches, the same augmentation of every image, batch
     norm over the global batch and averaged gradients give the same weights and memory bank up
-    to float rounding: measured, every weight is within 1.2% of how far training moved it (W = 1
-    with two threads instead of one drifts as far: 1.2%). With
-    --no-sync-bn each rank normalises its own half batch: a different network (measured, weights
-    up to 59% of their movement away)."""
+    to float rounding, which 24 steps amplify: W = 2 lies no farther from W = 1 than W = 1 at two
+    threads instead of one does (measured without flip: 9.3% and 10.2% of how far training moved
+    the worst weight; with --hflip 1.2% and 0%). With --no-sync-bn each rank normalises its own
+    half batch: a different network (measured, weights up to 59% of their movement away)."""
     from trainer.config import TrainConfig, resolve
     from trainer.loop import train
     from trainer.world import World
@@ -145,9 +145,12 @@ def test_two_ranks_train_the_same_network_as_one_process(tmp_path):
                                    seed=3, sync_bn=sync_bn))
 
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)                  # as in the workers; restored for the tests after this one
     try:
-        train(config("w1"), World.single(), log=lambda _: None)
+        # W = 1 at one thread (as in the workers) and at two: the same arithmetic summed in another
+        # order, the float-rounding drift that 24 steps amplify (restored for the tests after this one)
+        for name, count in (("w1", 1), ("w1-two-threads", 2)):
+            torch.set_num_threads(count)
+            train(config(name), World.single(), log=lambda _: None)
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
@@ -173,7 +176,16 @@ def test_two_ranks_train_the_same_network_as_one_process(tmp_path):
             gaps.append(float((value - other["model"][key]).abs().max()) / moved)
         return max(gaps)
 
-    assert largest_relative_gap("w2") <= 3e-2
-    assert largest_relative_gap("w2-local-bn") >= 0.1
-    two = torch.load(tmp_path / "w2" / "checkpoint.pt", weights_only=True)
-    torch.testing.assert_close(two["memory"], one["memory"], rtol=0, atol=1e-3)
+    rounding = largest_relative_gap("w1-two-threads")
+    same, local_bn = largest_relative_gap("w2"), largest_relative_gap("w2-local-bn")
+    print(f"largest gap to W=1, relative to training's movement: W=1 two threads {rounding:.4f}, "
+          f"W=2 {same:.4f}, W=2 --no-sync-bn {local_bn:.4f}")
+    assert same <= max(3e-2, 1.5 * rounding)
+    assert local_bn >= max(0.1, 3 * same)
+    def memory_gap(name: str) -> float:
+        other = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+        return float((other["memory"] - one["memory"]).abs().max())
+
+    # the bank's unit rows, likewise (measured without flip: W = 2 5.0e-3, W = 1 at two threads 5.9e-3)
+    print(f"memory bank: W=1 two threads {memory_gap('w1-two-threads'):.2e}, W=2 {memory_gap('w2'):.2e}")
+    assert memory_gap("w2") <= max(1e-3, 1.5 * memory_gap("w1-two-threads"))

@@ -50,6 +50,10 @@ class IndexTimeout(TrainerError):
     """No neighbourhood round was published in time (``--index service``)."""
 
 
+class IndexFailed(TrainerError):
+    """The index process recorded that it could not rebuild the round waited for."""
+
+
 class Diverged(TrainerError):
     """A training step's loss was NaN or infinite."""
 
@@ -316,10 +320,15 @@ def curriculum_for_round(r: int, cfg: TrainConfig, store, world: World, say: Cal
 
 
 def wait_for_neighbourhoods(store, r: int, timeout: float, say: Callable[[str], None], poll: float = POLL_S) -> None:
-    """Block until neighbourhoods/round-r is published (by ``nbr-index serve``), or raise IndexTimeout."""
+    """Block until neighbourhoods/round-r is published (by ``nbr-index serve``); raise IndexFailed
+    when the index recorded that rebuilding it failed, IndexTimeout after ``timeout`` seconds."""
     start = time.monotonic()
     noted = -math.inf
     while r not in store.published_rounds():
+        failure = store.index_failure(r)
+        if failure is not None:
+            raise IndexFailed(f"nbr-index serve failed to rebuild neighbourhoods/round-{r} in {store.url}: {failure}; "
+                              f"see its log, fix the cause and rerun (training resumes from the last checkpoint)")
         waited = time.monotonic() - start
         if waited >= timeout:
             raise IndexTimeout(f"timed out after {timeout:.0f}s waiting for neighbourhoods/round-{r} in {store.url}: "
