@@ -238,8 +238,13 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def fmt(values: list, digits: int = 2) -> str:
+    """'mean ± std' over seeds; one seed has no spread, so only its value (and '-' for none)."""
     m, s = mean_std(values)
-    return "-" if m != m else f"{m:.{digits}f} ± {s:.{digits}f}"
+    if m != m:
+        return "-"
+    if sum(v is not None for v in values) == 1:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def summarise(runs: list[Run], protocol: Protocol, seeds: list[int]) -> tuple[str, dict]:
@@ -330,7 +335,9 @@ def plot(table: dict, protocol: Protocol, path: str) -> None:
 @click.option("--out-dir", default=None, help="default runs/accuracy/<protocol>")
 @click.option("--data-dir", default=os.path.join(ROOT, ".data"), show_default=True,
               help="where the CIFAR-10 folders are unpacked")
-def main(protocol_name, methods, implementations, seeds, epochs, jobs, threads, time_budget, out_dir, data_dir):
+@click.option("--table-only", is_flag=True, help="start no run: the table, JSON and plot of the finished runs")
+def main(protocol_name, methods, implementations, seeds, epochs, jobs, threads, time_budget, out_dir, data_dir,
+         table_only):
     """Train AND, Instance and one-off AND (project and minimal reference) at one budget; print the table."""
     protocol = PROTOCOLS[protocol_name]
     if epochs:
@@ -345,7 +352,7 @@ def main(protocol_name, methods, implementations, seeds, epochs, jobs, threads, 
         impl_list = [i for i in impl_list if i != "reference"]
     seed_list = [int(s) for s in seeds.split(",") if s]
     out_dir = out_dir or os.path.join("runs", "accuracy", protocol.name + (f"-e{epochs}" if epochs else ""))
-    data = ensure_data(protocol, data_dir, click.echo)
+    data = None if table_only else ensure_data(protocol, data_dir, click.echo)
     runs = []
     for seed in seed_list:
         for method in method_list:
@@ -356,7 +363,10 @@ def main(protocol_name, methods, implementations, seeds, epochs, jobs, threads, 
                         run.result = json.load(fh)
                 runs.append(run)
     deadline = time.monotonic() + time_budget if time_budget else float("inf")
-    finished = run_all(runs, protocol, data, jobs, threads, deadline, click.echo)
+    if table_only:
+        finished = all(run.result is not None for run in runs)
+    else:
+        finished = run_all(runs, protocol, data, jobs, threads, deadline, click.echo)
     text, table = summarise(runs, protocol, seed_list)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "accuracy.md"), "w") as fh:
