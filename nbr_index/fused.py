@@ -182,7 +182,7 @@ def knn_entropy_pass(
         _TileWorker(geometry, partial, matmul_precision, device, native_kernel, triton_statistics)
         for partial in partials
     ]
-    with _cuda_matmul_precision(device, matmul_precision), _intra_op_threads(1 if workers > 1 else None):
+    with _cuda_matmul_precision(device, matmul_precision), intra_op_threads(1 if workers > 1 else None):
         run_plan(source, plan, tile_workers, progress)
 
     total = partials[0]
@@ -596,7 +596,7 @@ def _tile_statistics_kernel(tile_kernel: str, device: torch.device):
 
 
 @contextlib.contextmanager
-def _intra_op_threads(threads: int | None):
+def intra_op_threads(threads: int | None):
     """Temporarily set torch's intra-op thread count (new threads inherit it on first use)."""
     if threads is None:
         yield
