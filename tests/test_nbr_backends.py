@@ -9,21 +9,9 @@ from nbr_index import BackendUnavailableError, InvalidParameterError, knn_entrop
 from nbr_index.faiss_backend import default_nlist, recall_at_k
 from nbr_index.fused import BlockSizes
 from nbr_index.reference import brute_force_knn_entropy
+from tests.helpers import ArrayReader, unit_rows
 
 TILES = BlockSizes(rows=64)
-
-
-def unit_rows(n, dim, seed=0):
-    rows = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
-
-
-class ArrayReader:
-    def __init__(self, rows, chunk_rows):
-        self.rows, self.n, self.dim, self.chunk_rows = rows, rows.shape[0], rows.shape[1], chunk_rows
-
-    def read(self, start, stop):
-        return self.rows[start:stop].copy()
 
 
 def assert_same_up_to_float32_rounding(neighbours, expected, rows):
