@@ -300,14 +300,14 @@ class _Task:
 
 def run_plan(source: FeatureSource, plan: list[SuperBlockPair], workers: list, progress: Progress | None) -> None:
     """Read the super-blocks of ``plan`` and hand its tile runs to ``workers`` (objects with ``run(task)``)."""
-    schedule = _Schedule(sum(run.tiles for pair in plan for run in pair.runs), progress)
+    pool = _TileWorkerPool(sum(run.tiles for pair in plan for run in pair.runs), progress)
     loaded_rows, rows = None, None
     for pair in plan:
         if pair.rows != loaded_rows:
             rows, loaded_rows = source.read(*pair.rows), pair.rows
         columns = rows if pair.columns == pair.rows else source.read(*pair.columns)
         tasks = [_Task(run, rows, pair.rows[0], columns, pair.columns[0]) for run in pair.runs]
-        schedule.run(tasks, workers)
+        pool.run(tasks, workers)
 
 
 @dataclass(frozen=True)
@@ -503,7 +503,7 @@ def _to_fixed(values: torch.Tensor, unit: float) -> torch.Tensor:
     return torch.round(values.double() * unit).to(torch.int64)
 
 
-class _Schedule:
+class _TileWorkerPool:
     """Hands tasks to the tile workers and reports progress from the calling thread.
 
     One worker runs in the calling thread (CUDA, or a single CPU thread). Several run in threads
