@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from nbr_index import BackendUnavailableError, InvalidParameterError, knn_entropy
+from nbr_index.blocks import row_blocks
 from nbr_index.faiss_backend import default_nlist, recall_at_k
 from nbr_index.fused import BlockSizes
 from nbr_index.reference import brute_force_knn_entropy
@@ -65,6 +66,13 @@ def test_ivf_reports_its_recall_against_exact_search():
     assert all_probes.recall == 1.0
     assert_same_up_to_float32_rounding(all_probes.neighbours, exact.neighbours, rows)
     np.testing.assert_array_equal(few_probes.entropy, exact.entropy)
+
+
+@pytest.mark.parametrize("stop, rows, start", [(0, 4, 0), (1, 4, 0), (8, 4, 0), (10, 4, 0), (10, 3, 2), (5, 8, 0)])
+def test_row_blocks_cover_the_range_in_order(stop, rows, start):
+    blocks = list(row_blocks(stop, rows, start=start))
+    assert blocks == [(b, min(b + rows, stop)) for b in range(start, stop, rows)]
+    assert [r for b, e in blocks for r in range(b, e)] == list(range(start, stop))
 
 
 def test_recall_at_k_counts_shared_neighbours():
