@@ -275,7 +275,7 @@ def summarise(runs: list[Run], protocol: Protocol, seeds: list[int]) -> tuple[st
             "values": results,
         }
     header = " | ".join(f"round {i}" for i in range(rounds))
-    lines += ["", f"kNN top-1 per round (%):", "", f"| implementation | method | {header} |",
+    lines += ["", "kNN top-1 per round (%):", "", f"| implementation | method | {header} |",
               "|---|---|" + "---|" * rounds]
     for (impl, method), results in groups.items():
         cells = " | ".join(fmt([r["rounds"][i]["knn_top1"] for r in results]) for i in range(rounds))

@@ -35,7 +35,7 @@ from .backends import knn_entropy, resolve_device
 from .errors import RebuildCancelled
 from .faiss_backend import faiss_gpu_available, import_faiss
 from .features import InMemoryFeatures
-from .fused import (GemmWorker, SuperBlockPair, TileRun, WholePass, _intra_op_threads, default_block_sizes,
+from .fused import (GemmWorker, SuperBlockPair, TileRun, WholePass, default_block_sizes, intra_op_threads,
                     plan_tiles, row_block_count, run_plan, tile_rows)
 from .progress import StderrProgress
 from .reference import unfused_knn_entropy
@@ -219,7 +219,7 @@ def _matmul_pass(features: torch.Tensor, full: bool) -> None:
     else:
         plan = plan_tiles(n, block_rows, n, WholePass())
     workers = 1 if device.type == "cuda" else torch.get_num_threads()
-    with _intra_op_threads(1 if workers > 1 else None):
+    with intra_op_threads(1 if workers > 1 else None):
         run_plan(InMemoryFeatures(features), plan, [GemmWorker(block_rows, n, device) for _ in range(workers)], None)
 
 

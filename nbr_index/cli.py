@@ -12,9 +12,9 @@ import sys
 import click
 
 from storage import Store, format_description
-from storage.errors import UserErrorGroup
 
 from .backends import BACKENDS
+from .click_errors import UserErrorGroup
 from .curriculum import MODES
 from .fused import MATMUL_PRECISIONS
 from .progress import StderrProgress

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .blocks import row_blocks
 from .errors import BackendUnavailableError, InvalidParameterError
 from .features import FeatureSource
 from .fused import Progress
@@ -76,19 +77,16 @@ def flat_knn(source: FeatureSource, k: int, use_gpu: bool = False, progress: Pro
     cut_value = torch.full((n,), -math.inf)
     super_rows = source.read_rows
     blocks = math.ceil(n / super_rows)
-    for block_number, d_start in enumerate(range(0, n, super_rows)):
-        d_stop = min(d_start + super_rows, n)
+    for block_number, (d_start, d_stop) in enumerate(row_blocks(n, super_rows)):
         database = _as_numpy(source.read(d_start, d_stop))
         index = faiss.IndexFlatIP(source.dim)
         if gpu is not None:
             index = faiss.index_cpu_to_gpu(gpu, 0, index)
         index.add(database)
         asked = min(wanted, d_stop - d_start)
-        for q_start in range(0, n, super_rows):
-            q_stop = min(q_start + super_rows, n)
+        for q_start, q_stop in row_blocks(n, super_rows):
             queries = database if q_start == d_start else _as_numpy(source.read(q_start, q_stop))
-            for s_start in range(q_start, q_stop, SEARCH_ROWS):
-                s_stop = min(s_start + SEARCH_ROWS, q_stop)
+            for s_start, s_stop in row_blocks(q_stop, SEARCH_ROWS, start=q_start):
                 values, ids = index.search(queries[s_start - q_start : s_stop - q_start], asked)
                 values, ids = torch.from_numpy(values), torch.from_numpy(ids).to(torch.int64) + d_start
                 rows = slice(s_start, s_stop)
@@ -145,18 +143,16 @@ def ivf_knn(
     index.train(_gather_rows(source, training_rows))
     if use_gpu:
         index = faiss.index_cpu_to_gpu(_gpu_resources(faiss), 0, index)
-    for start in range(0, n, source.read_rows):
-        index.add(_as_numpy(source.read(start, min(start + source.read_rows, n))))
+    for start, stop in row_blocks(n, source.read_rows):
+        index.add(_as_numpy(source.read(start, stop)))
     index.nprobe = min(nprobe, nlist)
 
     wanted = min(k + 1 + TIE_MARGIN, n)
     neighbours = np.empty((n, k), dtype=np.int64)
     similarities = np.empty((n, k), dtype=np.float32)
-    for q_start in range(0, n, source.read_rows):
-        q_stop = min(q_start + source.read_rows, n)
+    for q_start, q_stop in row_blocks(n, source.read_rows):
         queries = _as_numpy(source.read(q_start, q_stop))
-        for s_start in range(q_start, q_stop, SEARCH_ROWS):
-            s_stop = min(s_start + SEARCH_ROWS, q_stop)
+        for s_start, s_stop in row_blocks(q_stop, SEARCH_ROWS, start=q_start):
             values, ids = index.search(queries[s_start - q_start : s_stop - q_start], wanted)
             values, ids = torch.from_numpy(values), torch.from_numpy(ids).to(torch.int64)
             # IVF may return fewer than asked (id -1): those slots rank last.
@@ -213,14 +209,13 @@ def exact_knn_of_vectors(
     best_indices = torch.full((m, k), n, dtype=torch.int64)
     query_rows, db_rows = min(EXACT_QUERY_ROWS, m), min(EXACT_DB_ROWS, n)
     queries = _zero_padded(queries, math.ceil(m / query_rows) * query_rows)   # once, not per database tile
-    for d_start in range(0, n, source.read_rows):
-        database = source.read(d_start, min(d_start + source.read_rows, n)).cpu()
+    for d_start, d_stop in row_blocks(n, source.read_rows):
+        database = source.read(d_start, d_stop).cpu()
         for c_start in range(0, database.shape[0], db_rows):
             block = _zero_padded(database[c_start : c_start + db_rows], db_rows)
             columns_here = min(db_rows, database.shape[0] - c_start)
             first_column = d_start + c_start
-            for q_start in range(0, m, query_rows):
-                q_stop = min(q_start + query_rows, m)
+            for q_start, q_stop in row_blocks(m, query_rows):
                 similarity = (queries[q_start:q_start + query_rows] @ block.T)[: q_stop - q_start, :columns_here]
                 if own_rows is not None:
                     own_here = own_rows[q_start:q_stop]
@@ -247,8 +242,7 @@ def _drop_self(values: torch.Tensor, ids: torch.Tensor, query_rows: torch.Tensor
 def _gather_rows(source: FeatureSource, rows: np.ndarray) -> np.ndarray:
     """(len(rows), d) float32 of the sorted row numbers, reading each super-block once."""
     out = np.empty((len(rows), source.dim), dtype=np.float32)
-    for start in range(0, source.n, source.read_rows):
-        stop = min(start + source.read_rows, source.n)
+    for start, stop in row_blocks(source.n, source.read_rows):
         lo, hi = np.searchsorted(rows, [start, stop])
         if hi > lo:
             block = _as_numpy(source.read(start, stop))

@@ -18,6 +18,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from .blocks import row_blocks
 from .errors import InvalidFeaturesError
 
 # Memory-bank rows are L2-normalised by the trainer; a row further than this from norm 1 means
@@ -162,8 +163,7 @@ def scan_row_norms(
     L2 norm differs from 1 by more than ``norm_tolerance``.
     """
     norms = torch.empty(source.n, dtype=torch.float64, device=source.device)
-    for start in range(0, source.n, source.read_rows):
-        stop = min(start + source.read_rows, source.n)
+    for start, stop in row_blocks(source.n, source.read_rows):
         rows = source.read(start, stop)
         finite = torch.isfinite(rows).all(dim=1)
         if not bool(finite.all()):

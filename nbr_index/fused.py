@@ -182,7 +182,7 @@ def knn_entropy_pass(
         _TileWorker(geometry, partial, matmul_precision, device, native_kernel, triton_statistics)
         for partial in partials
     ]
-    with _cuda_matmul_precision(device, matmul_precision), _intra_op_threads(1 if workers > 1 else None):
+    with _cuda_matmul_precision(device, matmul_precision), intra_op_threads(1 if workers > 1 else None):
         run_plan(source, plan, tile_workers, progress)
 
     total = partials[0]
@@ -300,14 +300,14 @@ class _Task:
 
 def run_plan(source: FeatureSource, plan: list[SuperBlockPair], workers: list, progress: Progress | None) -> None:
     """Read the super-blocks of ``plan`` and hand its tile runs to ``workers`` (objects with ``run(task)``)."""
-    schedule = _Schedule(sum(run.tiles for pair in plan for run in pair.runs), progress)
+    pool = _TileWorkerPool(sum(run.tiles for pair in plan for run in pair.runs), progress)
     loaded_rows, rows = None, None
     for pair in plan:
         if pair.rows != loaded_rows:
             rows, loaded_rows = source.read(*pair.rows), pair.rows
         columns = rows if pair.columns == pair.rows else source.read(*pair.columns)
         tasks = [_Task(run, rows, pair.rows[0], columns, pair.columns[0]) for run in pair.runs]
-        schedule.run(tasks, workers)
+        pool.run(tasks, workers)
 
 
 @dataclass(frozen=True)
@@ -503,7 +503,7 @@ def _to_fixed(values: torch.Tensor, unit: float) -> torch.Tensor:
     return torch.round(values.double() * unit).to(torch.int64)
 
 
-class _Schedule:
+class _TileWorkerPool:
     """Hands tasks to the tile workers and reports progress from the calling thread.
 
     One worker runs in the calling thread (CUDA, or a single CPU thread). Several run in threads
@@ -596,7 +596,7 @@ def _tile_statistics_kernel(tile_kernel: str, device: torch.device):
 
 
 @contextlib.contextmanager
-def _intra_op_threads(threads: int | None):
+def intra_op_threads(threads: int | None):
     """Temporarily set torch's intra-op thread count (new threads inherit it on first use)."""
     if threads is None:
         yield

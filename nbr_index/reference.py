@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .blocks import row_blocks
 from .topk import topk_lower_index
 
 
@@ -54,8 +55,7 @@ def unfused_knn_entropy(
     neighbours = torch.empty((n, k), dtype=torch.int64)
     similarities = torch.empty((n, k), dtype=torch.float32)
     entropy = torch.empty(n, dtype=torch.float32)
-    for start in range(0, n, query_rows):
-        stop = min(start + query_rows, n)
+    for start, stop in row_blocks(n, query_rows):
         sims = features[start:stop] @ features.T  # (B, N)
         logits = sims / tau
         log_partition = torch.logsumexp(logits, dim=1)

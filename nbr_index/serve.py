@@ -158,11 +158,12 @@ def _stalling_progress(round: int, stop: threading.Event, progress_seconds: floa
     """progress(done, total) for one rebuild: prints, sleeps once if asked (test hook), and
     raises RebuildCancelled once ``stop`` is set (nothing is published then)."""
     report = StderrProgress(f"round {round}", every_seconds=progress_seconds)
-    stalled = [stall_seconds <= 0]
+    still_to_stall = stall_seconds > 0
 
     def progress(done: int, total: int) -> None:
-        if not stalled[0]:
-            stalled[0] = True
+        nonlocal still_to_stall
+        if still_to_stall:
+            still_to_stall = False
             stop.wait(stall_seconds)
         if stop.is_set():
             raise RebuildCancelled(f"round {round} abandoned")

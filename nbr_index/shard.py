@@ -185,11 +185,12 @@ def rebuild_as_worker(store_url: str, round: int, shard: ProcessGroupShard, *, s
         options["workers"] = max(1, (os.cpu_count() or 1) // local_workers)
     report = None if quiet or not shard.is_main else StderrProgress(
         f"nbr-index rebuild round {round} (rank 0 of {shard.count})", every_seconds=progress_seconds)
-    stalled = [stall_seconds <= 0 or restart_count() > 0]
+    still_to_stall = stall_seconds > 0 and restart_count() == 0  # a restarted worker does not stall again
 
     def progress(done: int, total: int) -> None:
-        if not stalled[0]:
-            stalled[0] = True
+        nonlocal still_to_stall
+        if still_to_stall:
+            still_to_stall = False
             print(f"worker rank {shard.index}: stalling {stall_seconds:.0f} s (test hook)", flush=True)
             time.sleep(stall_seconds)
         if report is not None:

@@ -1,4 +1,4 @@
-"""Shared fixtures. Keep minimal: each package's tests own their helpers."""
+"""Shared fixtures. Keep minimal; helpers that several test files use live in tests/helpers.py."""
 
 import uuid
 

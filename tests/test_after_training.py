@@ -28,6 +28,7 @@ from trainer.cli import main as trainer_main
 from trainer.data import load_dataset
 from trainer.knn import embed as knn_embed
 from trainer.models import build_model
+from tests.helpers import one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -53,13 +54,6 @@ def _nbr_index(*args):
 def _ok(result):
     assert result.exit_code == 0, result.output + result.stderr
     return result
-
-
-def _one_line_error(result, message):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
-    assert "Traceback" not in result.output
 
 
 def _tree(path: Path) -> list[str]:
@@ -127,8 +121,8 @@ def test_export_loads_back_to_the_runs_own_features_exactly(and_run, tmp_path):
     fresh = build_model("smallcnn", 8, 128).backbone
     fresh.load_state_dict(saved["state_dict"], strict=True)
     assert saved["config"]["backbone_only"] is True
-    _one_line_error(_trainer("embed", "--model", backbone, "--dataset", "digits", "--out", tmp_path / "x.npy"),
-                    "is a backbone-only export")
+    one_line_error(_trainer("embed", "--model", backbone, "--dataset", "digits", "--out", tmp_path / "x.npy"),
+                   "is a backbone-only export")
 
 
 @pytest.mark.parametrize("arch, size", [("resnet18", 8), ("resnet50", 8), ("resnet18", 96)])
@@ -199,7 +193,7 @@ def test_export_bad_input_is_one_line_and_writes_nothing(and_run, tmp_path, args
     if "--out" not in args:
         args += ["--out", str(tmp_path / "out.pt")]
     before = _tree(and_run)
-    _one_line_error(_trainer("export", *args), message)
+    one_line_error(_trainer("export", *args), message)
     assert not (tmp_path / "out.pt").exists() and _tree(and_run) == before
 
 
@@ -267,7 +261,7 @@ def test_embed_into_a_store_gives_a_snapshot_nbr_index_rebuilds_and_queries(and_
     answer = json.loads(_ok(_nbr_index("query", "--store", store_dir, "--index", "4", "--k", "1", "--json")).output)
     assert answer["round"] == 0 and answer["queries"][0]["neighbours"] == published.neighbours[4].tolist()
     again = _trainer("embed", "--run-dir", and_run, "--data-root", tmp_path / "images", "--out", store_dir)
-    _one_line_error(again, "already holds features/round-0")
+    one_line_error(again, "already holds features/round-0")
 
 
 def test_embed_shows_a_progress_bar_on_a_terminal_and_plain_lines_elsewhere(and_run, tmp_path):
@@ -297,7 +291,7 @@ def test_embed_shows_a_progress_bar_on_a_terminal_and_plain_lines_elsewhere(and_
     lines = []
     with Progress(3, "embedding batch", lines.append, terminal=False, every_s=0.0) as progress:
         for done in range(3):
-            progress.update(1, lambda: f"{(done + 1) * 50} images")
+            progress.update(1, lambda: f"{(done + 1) * 50} images")  # noqa: B023 (update calls it at once)
     assert lines == ["embedding batch 1/3  50 images", "embedding batch 2/3  100 images",
                      "embedding batch 3/3  150 images"]
 
@@ -324,7 +318,7 @@ def test_embed_bad_input_is_one_line_and_writes_nothing(and_run, tmp_path, args,
     if "--out" not in args:
         args += ["--out", str(tmp_path / "out.npy")]
     before, run_before = _tree(tmp_path), _tree(and_run)
-    _one_line_error(_trainer("embed", *args), message)
+    one_line_error(_trainer("embed", *args), message)
     assert _tree(tmp_path) == before and _tree(and_run) == run_before
     assert (tmp_path / "existing.npy").read_bytes() == b"keep"
 
@@ -379,8 +373,8 @@ def test_query_bad_input_is_one_line_and_changes_nothing(and_run, tmp_path, args
     np.save(tmp_path / "wide.npy", np.ones((2, 64), dtype=np.float32))
     (tmp_path / "text.npy").write_text("not an array")
     before = _tree(and_run / "store")
-    _one_line_error(_nbr_index("query", "--store", and_run / "store",
-                               *[a.format(tmp=tmp_path) for a in args]), message)
+    one_line_error(_nbr_index("query", "--store", and_run / "store",
+                              *[a.format(tmp=tmp_path) for a in args]), message)
     assert _tree(and_run / "store") == before
 
 
@@ -417,9 +411,9 @@ def test_report_of_one_run_and_of_and_against_instance(and_run, instance_run, tm
 
 
 def test_report_bad_input_is_one_line_and_writes_nothing(and_run, instance_run, tmp_path):
-    _one_line_error(_trainer("report", tmp_path), "has no summary.json")
-    _one_line_error(_trainer("report", and_run, instance_run), "several runs need --out DIR")
-    _one_line_error(_trainer("report", and_run, tmp_path, "--out", tmp_path / "out"), "has no summary.json")
+    one_line_error(_trainer("report", tmp_path), "has no summary.json")
+    one_line_error(_trainer("report", and_run, instance_run), "several runs need --out DIR")
+    one_line_error(_trainer("report", and_run, tmp_path, "--out", tmp_path / "out"), "has no summary.json")
     assert not (tmp_path / "out").exists()
 
 
@@ -460,7 +454,7 @@ def test_no_tensorboard_flag_and_no_tensorboard_package_write_no_events_and_trai
             "package": [sys.executable, "-c", blocked, *args[2:], "--run-dir", str(tmp_path / "package")]}
     outputs = {name: subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
                for name, cmd in runs.items()}
-    for name, done in outputs.items():
+    for done in outputs.values():
         assert done.returncode == 0, done.stderr
     assert (tmp_path / "with" / "tensorboard").is_dir()
     assert not (tmp_path / "flag" / "tensorboard").exists() and not (tmp_path / "package" / "tensorboard").exists()

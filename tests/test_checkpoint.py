@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from trainer.checkpoint import REQUIRED_KEYS, load_checkpoint, restore
 from trainer.cli import main
 from trainer.errors import TrainerError
+from tests.helpers import one_line_error
 
 
 class RunsACommand:
@@ -23,20 +24,13 @@ class RunsACommand:
         return (os.system, (f"touch {self.marker}",))
 
 
-def _one_line_error(result, message):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
-    assert "Traceback" not in result.output
-
-
 def test_a_checkpoint_carrying_code_is_refused_and_runs_nothing(tmp_path):
     run, marker = tmp_path / "run", tmp_path / "pwned"
     run.mkdir()
     torch.save({"format": 1, "config": {}, "x": RunsACommand(str(marker))}, run / "checkpoint.pt")
     before = sorted(os.listdir(run))
     result = CliRunner().invoke(main, ["run", "--run-dir", str(run), "--resume"])
-    _one_line_error(result, "refusing to load")
+    one_line_error(result, "refusing to load")
     assert not marker.exists()                      # the payload never ran
     assert sorted(os.listdir(run)) == before        # and nothing was written
 
@@ -85,8 +79,8 @@ def test_a_resumed_run_with_another_dim_is_one_line(tmp_path):
     state["memory"] = state["memory"][:, :64].contiguous()
     state["round"] = 1
     torch.save(state, run / "checkpoint.pt")
-    _one_line_error(CliRunner().invoke(main, ["run", "--run-dir", str(run), "--resume"]),
-                    "holds a memory bank of 1500 x (64,) but this run needs 1500 x 128")
+    one_line_error(CliRunner().invoke(main, ["run", "--run-dir", str(run), "--resume"]),
+                   "holds a memory bank of 1500 x (64,) but this run needs 1500 x 128")
 
 
 def test_a_diverged_step_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -98,7 +92,7 @@ def test_a_diverged_step_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     run = tmp_path / "run"
     result = CliRunner().invoke(main, ["run", "--run-dir", str(run), "--rounds", "1", "--epochs-per-round", "2",
                                        "--lr-milestones", "0.5", "--lr-gamma", "1e40"])
-    _one_line_error(result, "round 0 epoch 2 step ")
+    one_line_error(result, "round 0 epoch 2 step ")
     assert "the loss is not finite" in result.stderr
     state = load_checkpoint(str(run / "checkpoint.pt"))
     assert (state["round"], state["epoch"]) == (0, 1)

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 
 from storage import Store
 from trainer.cli import main
+from tests.helpers import one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -143,12 +144,6 @@ def test_a_run_saved_by_two_ranks_resumes_with_one(tmp_path):
     assert torch.equal(torch.from_numpy(store.feature_reader(2).read_all()), _checkpoint(run)["memory"])
 
 
-def _one_line_error(result, message: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
-
-
 @pytest.mark.parametrize("args, message", [
     (["--world-size", "0"], "--world-size must be at least 1, got 0"),
     (["--world-size", "2000"], "--world-size 2000 is larger than the training set (N = 1500)"),
@@ -157,7 +152,7 @@ def _one_line_error(result, message: str) -> None:
 ])
 def test_launch_errors_are_one_line_and_write_nothing(tmp_path, args, message):
     run = tmp_path / "run"
-    _one_line_error(CliRunner().invoke(main, ["run", "--run-dir", str(run), *args]), message)
+    one_line_error(CliRunner().invoke(main, ["run", "--run-dir", str(run), *args]), message)
     assert not run.exists()
 
 
@@ -168,7 +163,7 @@ def test_a_rendezvous_port_in_use_is_refused(tmp_path):
         port = taken.getsockname()[1]
         result = CliRunner().invoke(main, ["run", "--run-dir", str(tmp_path / "run"), "--world-size", "2",
                                            "--master-port", str(port)])
-    _one_line_error(result, f"rendezvous port {port} is in use")
+    one_line_error(result, f"rendezvous port {port} is in use")
     assert not (tmp_path / "run").exists()
 
 
@@ -177,7 +172,7 @@ def test_a_store_of_another_dataset_is_refused_before_launch(tmp_path):
     before = sorted(p.name for p in (tmp_path / "store").rglob("*"))
     result = CliRunner().invoke(main, ["run", "--run-dir", str(tmp_path / "run"), "--world-size", "2",
                                        "--store", store.url])
-    _one_line_error(result, "was created for n=640, this run has n=1500")
+    one_line_error(result, "was created for n=640, this run has n=1500")
     assert sorted(p.name for p in (tmp_path / "store").rglob("*")) == before
 
 
@@ -192,7 +187,7 @@ def test_a_store_holding_another_runs_rounds_is_refused_before_launch(tmp_path):
     before = sorted(p.name for p in (tmp_path / "store").rglob("*"))
     result = CliRunner().invoke(main, ["run", "--run-dir", str(tmp_path / "run"), "--world-size", "2",
                                        "--store", store.url])
-    _one_line_error(result, "already holds rounds of another run")
+    one_line_error(result, "already holds rounds of another run")
     assert sorted(p.name for p in (tmp_path / "store").rglob("*")) == before
     assert not (tmp_path / "run").exists()
 

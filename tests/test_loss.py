@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.loss import and_loss, and_loss_per_sample, instance_loss, log_probs
+from trainer.memory import ema_update_, init_memory
 
 TAU = 0.1
 
@@ -127,7 +128,6 @@ def test_training_gradient_with_a_constant_memory_bank():
     neighbours = torch.tensor([[(j + 2) % 10] for j in range(10)])
     loss = and_loss(x, memory, indices, anchor, neighbours, TAU)
     (grad,) = torch.autograd.grad(loss, x)
-    assert memory.grad is None
     with torch.no_grad():
         p = torch.softmax(x @ memory.t() / TAU, 1)
         want = torch.empty_like(x)
@@ -137,6 +137,12 @@ def test_training_gradient_with_a_constant_memory_bank():
             pt[hood] = p[b, hood] / p[b, hood].sum()
             want[b] = (p[b] @ memory - pt @ memory) / TAU / 3
     torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-12)
+    # The trainer's bank is such a constant: made without autograd, and still a plain tensor (no
+    # grad, no graph) after the EMA update with features that require grad.
+    bank = init_memory(10, 4, torch.Generator().manual_seed(9))
+    assert not bank.requires_grad
+    ema_update_(bank, indices, x)
+    assert not bank.requires_grad and bank.grad_fn is None
 
 
 # ---- entropy (Eq 5) as nbr_index computes it, against a brute-force numpy reference

@@ -37,7 +37,7 @@ def test_alexnet_32px_is_the_authors_layout():
         (3, 64, (3, 3), (1, 1)), (64, 192, (3, 3), (1, 1)), (192, 384, (3, 3), (1, 1)),
         (384, 256, (3, 3), (1, 1)), (256, 256, (3, 3), (1, 1))]
     linears = [m for m in build_model("alexnet", 32).backbone if isinstance(m, torch.nn.Linear)]
-    assert [(l.in_features, l.out_features) for l in linears] == [(4096, 1024), (1024, 1024)]
+    assert [(linear.in_features, linear.out_features) for linear in linears] == [(4096, 1024), (1024, 1024)]
 
 
 def test_init_is_seeded_and_unknown_arch_is_refused():

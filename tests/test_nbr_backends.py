@@ -6,24 +6,13 @@ import numpy as np
 import pytest
 
 from nbr_index import BackendUnavailableError, InvalidParameterError, knn_entropy
+from nbr_index.blocks import row_blocks
 from nbr_index.faiss_backend import default_nlist, recall_at_k
 from nbr_index.fused import BlockSizes
 from nbr_index.reference import brute_force_knn_entropy
+from tests.helpers import ArrayReader, unit_rows
 
 TILES = BlockSizes(rows=64)
-
-
-def unit_rows(n, dim, seed=0):
-    rows = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
-
-
-class ArrayReader:
-    def __init__(self, rows, chunk_rows):
-        self.rows, self.n, self.dim, self.chunk_rows = rows, rows.shape[0], rows.shape[1], chunk_rows
-
-    def read(self, start, stop):
-        return self.rows[start:stop].copy()
 
 
 def assert_same_up_to_float32_rounding(neighbours, expected, rows):
@@ -77,6 +66,13 @@ def test_ivf_reports_its_recall_against_exact_search():
     assert all_probes.recall == 1.0
     assert_same_up_to_float32_rounding(all_probes.neighbours, exact.neighbours, rows)
     np.testing.assert_array_equal(few_probes.entropy, exact.entropy)
+
+
+@pytest.mark.parametrize("stop, rows, start", [(0, 4, 0), (1, 4, 0), (8, 4, 0), (10, 4, 0), (10, 3, 2), (5, 8, 0)])
+def test_row_blocks_cover_the_range_in_order(stop, rows, start):
+    blocks = list(row_blocks(stop, rows, start=start))
+    assert blocks == [(b, min(b + rows, stop)) for b in range(start, stop, rows)]
+    assert [r for b, e in blocks for r in range(b, e)] == list(range(start, stop))
 
 
 def test_recall_at_k_counts_shared_neighbours():

@@ -11,14 +11,10 @@ from click.testing import CliRunner
 
 from nbr_index.cli import main
 from storage import Store
+from tests.helpers import unit_rows
 
 N, DIM = 300, 8
 REPO = Path(__file__).resolve().parents[1]
-
-
-def unit_rows(n, dim, seed=0):
-    rows = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
 @pytest.fixture

@@ -12,33 +12,17 @@ from nbr_index import fused
 from nbr_index.fused import BlockSizes, knn_entropy_pass
 from nbr_index.reference import brute_force_knn_entropy, unfused_knn_entropy
 from nbr_index.topk import merge_topk, topk_by_key, topk_lower_index
+from tests.helpers import ArrayReader, unit_rows
 
 # Small tiles so that a few hundred rows make many tiles and ragged edges (40 divides the chunked
 # test's 200-row reads).
 SMALL_TILES = BlockSizes(rows=40)
 
 
-def unit_rows(n, dim, seed=0):
-    rows = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
-
-
 def duplicate_heavy_rows(n, dim, distinct=25, seed=0):
     """n rows drawn from only `distinct` vectors: every row has exact duplicates (exact ties)."""
     rng = np.random.default_rng(seed)
     return unit_rows(distinct, dim, seed)[rng.integers(0, distinct, n)]
-
-
-class ArrayReader:
-    """A storage.FeatureReader stand-in that records which row ranges were read."""
-
-    def __init__(self, rows, chunk_rows):
-        self.rows, self.n, self.dim, self.chunk_rows = rows, rows.shape[0], rows.shape[1], chunk_rows
-        self.reads = []
-
-    def read(self, start, stop):
-        self.reads.append((start, stop))
-        return self.rows[start:stop].copy()
 
 
 def assert_matches_brute_force(result_neighbours, result_similarities, result_entropy, rows, k, tau):

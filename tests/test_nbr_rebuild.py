@@ -6,14 +6,10 @@ import pytest
 from nbr_index import FeaturesNotReadyError, InvalidFeaturesError, InvalidParameterError, rebuild
 from nbr_index.reference import brute_force_knn_entropy
 from storage import Store
+from tests.helpers import unit_rows
 
 N, DIM = 600, 16
 CURRICULUM = {"rounds": 3, "k": 2, "tau": 0.1, "mode": "progressive"}
-
-
-def unit_rows(n, dim, seed=0):
-    rows = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
 @pytest.fixture

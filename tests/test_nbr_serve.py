@@ -6,18 +6,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from storage import Store
+from tests.helpers import unit_rows, wait_for
 
 N, DIM, ROUNDS = 400, 8, 3
 REPO = Path(__file__).resolve().parents[1]
-
-
-def unit_rows(n, dim, seed=0):
-    rows = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
 def start_serve(store_path, log_path, *extra):
@@ -28,15 +23,6 @@ def start_serve(store_path, log_path, *extra):
     )
     log.close()
     return process
-
-
-def wait_for(condition, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def log_text(log_path):

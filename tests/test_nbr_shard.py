@@ -22,6 +22,7 @@ from nbr_index.fused import BlockSizes, WholePass, knn_entropy_pass, shard_tile_
 from nbr_index.launch import free_port
 from nbr_index.partial import PartialStatistics
 from storage import Store
+from tests.helpers import unit_rows
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -29,11 +30,6 @@ N, DIM = 700, 16
 # The real processes run the CPU's 1024-row tiles: 3 row blocks, so up to 3 workers.
 PROCESS_N = 2500
 CURRICULUM = {"rounds": 2, "k": 2, "tau": 0.1, "mode": "progressive"}
-
-
-def unit_rows(n, dim, seed=0):
-    rows = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
 def duplicate_heavy_rows(n, dim, distinct=40, seed=0):

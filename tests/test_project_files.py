@@ -80,7 +80,7 @@ def test_faiss_comes_only_from_its_own_extras_so_gpu_never_pulls_faiss_cpu():
     assert not {n for n in names(project["dependencies"]) if n.startswith("faiss")}
     assert names(extras["cpu"]) == {"faiss-cpu"} and names(extras["gpu"]) == {"faiss-gpu-cu12"}
     assert names(extras["tensorboard"]) == {"tensorboard"}
-    assert {"faiss-cpu", "tensorboard", "pytest"} <= names(extras["dev"])
+    assert {"faiss-cpu", "tensorboard", "pytest", "ruff"} <= names(extras["dev"])
 
 
 def test_the_built_wheel_carries_every_file_the_packages_read(tmp_path):
@@ -106,3 +106,16 @@ def test_the_built_wheel_carries_every_file_the_packages_read(tmp_path):
                         if path.is_file() and path.suffix not in (".py", ".pyc")
                         and path.parts[len(source.parts)] in ("storage", "nbr_index", "trainer")}
     assert read_at_run_time <= carried, f"not in the wheel: {sorted(read_at_run_time - carried)}"
+
+
+def test_the_tree_passes_the_linter():
+    """`ruff check .` (configured in pyproject.toml, installed by `.[dev]`) finds nothing."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("ruff") is None:
+        pytest.skip("ruff is not installed (it comes with `pip install -e '.[dev]'`)")
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr

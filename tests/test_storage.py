@@ -210,3 +210,18 @@ def test_describe_is_json_and_formats(url):
     assert f"checksum {checksum[:16]}" in text and "consistency 81.5%" in text
     assert "verify: ok" in text
     assert "verify" not in format_description(described)
+
+
+def test_importing_storage_imports_neither_click_nor_the_packages_above_it():
+    """storage imports only numpy and zarr (docs/ARCHITECTURE.md): the CLIs' click group lives in
+    nbr_index.click_errors. In a fresh interpreter, as this process has imported everything."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    check = ("import storage, sys; loaded = {m.split('.')[0] for m in sys.modules}; "
+             "assert not loaded & {'click', 'torch', 'nbr_index', 'trainer'}, sorted(loaded & "
+             "{'click', 'torch', 'nbr_index', 'trainer'})")
+    done = subprocess.run([sys.executable, "-c", check], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

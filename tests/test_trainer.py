@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from trainer.cli import main
 from trainer.config import ConfigError, TrainConfig, config_from_dict, load_config_file, resolve
 from trainer.schedule import lr_at, make_optimizer
+from tests.helpers import one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 # Subprocesses: one thread each, so that two runs compare bit for bit and do not fight over 2 cores.
@@ -103,13 +104,6 @@ def _cli(args):
     return CliRunner().invoke(main, args)
 
 
-def _one_line_error(result, message):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
-    assert "Traceback" not in result.output
-
-
 @pytest.mark.parametrize("args, message", [
     (["--dataset", "mnist"], "unknown dataset 'mnist'"),
     (["--arch", "vgg16"], "unknown arch 'vgg16'"),
@@ -122,18 +116,18 @@ def _one_line_error(result, message):
 ])
 def test_bad_flags_exit_2_with_one_line_and_write_nothing(tmp_path, args, message):
     run = tmp_path / "run"
-    _one_line_error(_cli(["run", "--run-dir", str(run), *args]), message)
+    one_line_error(_cli(["run", "--run-dir", str(run), *args]), message)
     assert not run.exists()
 
 
 def test_bad_data_roots_exit_2_with_one_line_and_write_nothing(tmp_path):
     run = tmp_path / "run"
     (tmp_path / "data" / "test" / "a").mkdir(parents=True)
-    _one_line_error(_cli(["run", "--run-dir", str(run), "--dataset", "imagefolder", "--data-root",
-                          str(tmp_path / "data")]), "has no train/ folder")
+    one_line_error(_cli(["run", "--run-dir", str(run), "--dataset", "imagefolder", "--data-root",
+                         str(tmp_path / "data")]), "has no train/ folder")
     (tmp_path / "data" / "train" / "a").mkdir(parents=True)
-    _one_line_error(_cli(["run", "--run-dir", str(run), "--dataset", "imagefolder", "--data-root",
-                          str(tmp_path / "data")]), "holds no images")
+    one_line_error(_cli(["run", "--run-dir", str(run), "--dataset", "imagefolder", "--data-root",
+                         str(tmp_path / "data")]), "holds no images")
     assert not run.exists()
 
 
@@ -160,20 +154,25 @@ def test_an_image_folder_without_a_test_split_trains_and_skips_knn_with_a_note(t
 
 def test_unknown_config_file_key_and_resume_without_checkpoint(tmp_path):
     (tmp_path / "c.yaml").write_text("rounds: 2\nwarmup: 5\n")
-    _one_line_error(_cli(["run", "--run-dir", str(tmp_path / "run"), "--config", str(tmp_path / "c.yaml")]),
-                    "unknown config key(s): warmup")
-    _one_line_error(_cli(["run", "--run-dir", str(tmp_path / "run"), "--resume"]), "no checkpoint at")
-    _one_line_error(_cli(["run", "--resume"]), "--resume needs the --run-dir")
+    one_line_error(_cli(["run", "--run-dir", str(tmp_path / "run"), "--config", str(tmp_path / "c.yaml")]),
+                   "unknown config key(s): warmup")
+    one_line_error(_cli(["run", "--run-dir", str(tmp_path / "run"), "--resume"]), "no checkpoint at")
+    one_line_error(_cli(["run", "--resume"]), "--resume needs the --run-dir")
     assert not (tmp_path / "run").exists()
 
 
 def test_help_lists_the_flags():
     result = _cli(["run", "--help"])
-    assert result.exit_code == 0
+    assert result.exit_code == 0, result.output
+    # The option names that begin the lines of the Options section (`--x TYPE` or `--x / --no-x`):
+    # a bare substring test would take --k from --knn-k or --lr from a help text.
+    listed = set()
+    for match in re.finditer(r"^ {2}(--[\w-]+)(?: / (--[\w-]+))?", result.output.split("Options:", 1)[1], re.M):
+        listed.update(name for name in match.groups() if name)
     for flag in ("--dataset", "--data-root", "--arch", "--method", "--rounds", "--epochs-per-round", "--batch-size",
                  "--lr", "--k", "--tau", "--store", "--seed", "--device", "--run-dir", "--index", "--eval-every",
                  "--config", "--resume", "--index-timeout"):
-        assert flag in result.output
+        assert flag in listed, f"{flag} is not an option of `trainer run --help`: {sorted(listed)}"
 
 
 def test_speed_command_reports_and_against_supervised():
@@ -211,7 +210,9 @@ def test_short_digits_run_writes_a_well_formed_summary(tmp_path, method, anchors
         assert (row["consistency"] is None) == (row["anchors"] == 0)
         # One epoch per round: its last epoch is its best.
         assert (row["best_epoch"], row["best_epoch_knn_top1"]) == (0, row["knn_top1"])
-    assert summary["final_knn_top1"] == summary["rounds"][-1]["knn_top1"] > 10.0     # 10 classes: chance is 10%
+    # 10 classes: chance is 10%. Measured (seed 0, one thread): 53.2 (and), 44.1 (instance),
+    # 52.2 (and-oneoff); 30 leaves a wide margin for other machines' rounding, far above chance.
+    assert summary["final_knn_top1"] == summary["rounds"][-1]["knn_top1"] > 30.0
     # Every epoch is evaluated (the released recipe), and the best one is labelled as such.
     assert [e["knn_top1"] for e in summary["epochs"]] == [r["knn_top1"] for r in summary["rounds"]]
     best = max(summary["rounds"], key=lambda r: (r["knn_top1"], r["round"]))
@@ -237,15 +238,16 @@ def test_short_digits_run_writes_a_well_formed_summary(tmp_path, method, anchors
         result = json.loads((run / "linear_probe.json").read_text())
         assert set(result) == {"train_top1", "test_top1", "epochs", "knn_top1_memory", "knn_top1_recomputed",
                                "round", "epoch", "features"}
-        assert result["knn_top1_memory"] == summary["final_knn_top1"] and result["test_top1"] > 10.0
+        # The linear probe on the backbone reached 84.5% test top-1 (measured); chance is 10%.
+        assert result["knn_top1_memory"] == summary["final_knn_top1"] and result["test_top1"] > 50.0
 
 
 def test_compile_without_a_cxx_compiler_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))          # no g++ / c++ / clang++ to be found
     monkeypatch.delenv("CXX", raising=False)
     run = tmp_path / "run"
-    _one_line_error(_cli(["run", "--run-dir", str(run), "--compile"]), "--compile needs a C++ compiler")
-    _one_line_error(_cli(["speed", "--compile"]), "--compile needs a C++ compiler")
+    one_line_error(_cli(["run", "--run-dir", str(run), "--compile"]), "--compile needs a C++ compiler")
+    one_line_error(_cli(["speed", "--compile"]), "--compile needs a C++ compiler")
     assert not run.exists()
 
 
@@ -276,7 +278,7 @@ def test_a_run_dir_with_a_checkpoint_is_not_reused_without_resume(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "checkpoint.pt").write_bytes(b"earlier run")
-    _one_line_error(_cli(["run", "--run-dir", str(run), "--rounds", "1"]), "already holds a run: pass --resume")
+    one_line_error(_cli(["run", "--run-dir", str(run), "--rounds", "1"]), "already holds a run: pass --resume")
     assert not (run / "store").exists()
 
 
@@ -329,7 +331,7 @@ def test_service_mode_times_out_with_one_line(tmp_path):
     run = tmp_path / "run"
     result = _cli(["run", "--run-dir", str(run), "--rounds", "1", "--epochs-per-round", "1",
                    "--index", "service", "--index-timeout", "1"])
-    _one_line_error(result, "timed out after 1s waiting for neighbourhoods/round-1")
+    one_line_error(result, "timed out after 1s waiting for neighbourhoods/round-1")
     assert "waiting for neighbourhoods/round-1" in result.output          # it said what it waited for
 
 

@@ -19,7 +19,7 @@ import os
 
 import click
 
-from storage.errors import UserErrorGroup
+from nbr_index.click_errors import UserErrorGroup
 from trainer.config import (ARCHS, DATASETS, TrainConfig, config_from_dict,
                             load_config_file, resolve, validate)
 from trainer.errors import TrainerError

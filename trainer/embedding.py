@@ -266,7 +266,7 @@ def write_embeddings(model: EmbeddingModel, source: EmbedSource, out: str, *, ba
             for features, _ in iter_embed(model, source.batches(batch_size), device):
                 rows[done:done + features.shape[0]] = features.cpu().numpy()
                 done += features.shape[0]
-                progress.update(1, lambda: f"{done}/{source.n} images")
+                progress.update(1, lambda: f"{done}/{source.n} images")  # noqa: B023 (update calls it at once)
         if done != source.n:
             raise TrainerError(f"embedded {done} images where {source.n} were listed: did the folder change?")
         rows.flush()

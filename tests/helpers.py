@@ -1,0 +1,45 @@
+"""Helpers shared by the test files: `from tests.helpers import ...`."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def unit_rows(n, dim, seed=0):
+    """(n, dim) float32 rows, uniform on the unit sphere, seeded."""
+    rows = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+class ArrayReader:
+    """A storage.FeatureReader stand-in over an in-memory array that records which row ranges
+    were read."""
+
+    def __init__(self, rows, chunk_rows):
+        self.rows, self.n, self.dim, self.chunk_rows = rows, rows.shape[0], rows.shape[1], chunk_rows
+        self.reads = []
+
+    def read(self, start, stop):
+        self.reads.append((start, stop))
+        return self.rows[start:stop].copy()
+
+
+def one_line_error(result, message):
+    """A click CliRunner result of bad input: exit status 2, and on stderr exactly one line,
+    ``error: ...`` containing ``message``, with no traceback."""
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert "Traceback" not in result.output
+
+
+def wait_for(condition, timeout=60.0, what="condition"):
+    """Poll ``condition()`` every 50 ms until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
