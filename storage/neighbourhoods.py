@@ -149,6 +149,5 @@ def recorded_failure(location: Location, round: int) -> str | None:
 
 def clear_failure(location: Location, round: int) -> None:
     """Forget a recorded failure (a new rebuild of ``round`` is starting)."""
-    if location.exists(f"{failure_path(round)}/zarr.json"):
-        with store_io(location, f"clear the failure of neighbourhood round {round}"):
-            location.remove(failure_path(round))
+    with store_io(location, f"clear the failure of neighbourhood round {round}"):
+        location.remove(failure_path(round))   # no error when there is none

@@ -126,7 +126,8 @@ def test_a_failed_rebuild_is_recorded_and_stops_the_waiting_trainer_at_once(stor
     from trainer.loop import IndexFailed, wait_for_neighbourhoods
 
     chunk = tmp_path / "store" / "features" / "round-0000" / "rows" / "c" / "1" / "0"
-    data = bytearray(chunk.read_bytes())
+    original = chunk.read_bytes()
+    data = bytearray(original)
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
 
@@ -142,7 +143,7 @@ def test_a_failed_rebuild_is_recorded_and_stops_the_waiting_trainer_at_once(stor
         wait_for_neighbourhoods(store, 1, timeout=600, say=lambda _: None)
     assert time.monotonic() - start < 10
 
-    chunk.write_bytes(bytes(data[: len(data) // 2]) + bytes([data[len(data) // 2] ^ 0xFF]) + bytes(data[len(data) // 2 + 1:]))
+    chunk.write_bytes(original)
     serve = start_serve(store.url, log_path, "--until-round", "1")
     assert serve.wait(timeout=120) == 0, log_text(log_path)
     assert store.index_failure(1) is None and 1 in store.published_rounds()
