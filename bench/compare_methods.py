@@ -24,7 +24,7 @@ import click
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from storage.errors import UserError  # noqa: E402
-from trainer.config import config_from_dict, resolve, validate  # noqa: E402
+from trainer.config import config_from_dict, resolve  # noqa: E402
 
 
 def compare(base: dict, methods: list[str], seeds: list[int], out_dir: str, log=print) -> dict:
@@ -39,8 +39,7 @@ def compare(base: dict, methods: list[str], seeds: list[int], out_dir: str, log=
         for method in methods:
             run_dir = os.path.join(out_dir, f"{method}-seed{seed}")
             cfg = config_from_dict({**base, "method": method, "seed": seed, "run_dir": run_dir, "store": None})
-            validate(cfg)
-            cfg = resolve(cfg)
+            cfg = resolve(cfg)   # train checks it (trainer.preflight) before anything is written
             start = time.perf_counter()
             summary = train(cfg, World.single(cfg.device), log=lambda _: None)
             runs.append({"method": method, "seed": seed, "final_knn_top1": summary["final_knn_top1"],

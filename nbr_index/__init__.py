@@ -9,7 +9,7 @@ publishes them to the store as ``neighbourhoods/round-r``. Public API::
 """
 
 from .backends import BACKENDS, KnnEntropy, knn_entropy
-from .curriculum import anchor_count, neighbour_consistency, neighbourhood_consistency, select_anchors
+from .curriculum import anchor_count, pair_consistency, neighbourhood_consistency, select_anchors
 from .errors import (BackendUnavailableError, FeaturesNotReadyError, InvalidFeaturesError, InvalidParameterError,
                      NbrIndexError, RebuildCancelled)
 from .rebuild import RebuildResult, rebuild
@@ -28,7 +28,7 @@ __all__ = [
     "RebuildResult",
     "anchor_count",
     "knn_entropy",
-    "neighbour_consistency",
+    "pair_consistency",
     "neighbourhood_consistency",
     "rebuild",
     "select_anchors",

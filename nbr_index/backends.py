@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import BackendUnavailableError, InvalidFeaturesError, InvalidParameterError
-from .faiss_backend import default_nlist, faiss_gpu_available, flat_knn, import_faiss, ivf_knn
+from .checks import check_k, resolve_device
+from .errors import InvalidFeaturesError, InvalidParameterError
+from .faiss_backend import default_nlist, flat_knn, import_faiss, ivf_knn, require_faiss_gpu
 from .features import DEFAULT_CHUNK_READ_ROWS, DEFAULT_IN_MEMORY_BYTES, DEFAULT_NORM_TOLERANCE, open_features
 from .fused import BlockSizes, Progress, Shard, knn_entropy_pass
 
 BACKENDS = ("auto", "torch", "faiss", "faiss-ivf")
-DEVICES = ("cpu", "cuda")
 
 
 @dataclass
@@ -80,13 +80,10 @@ def knn_entropy(
     started = time.perf_counter()
     torch_device = resolve_device(device)
     backend = resolve_backend(backend, torch_device)
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise InvalidParameterError(f"k must be a positive integer, got {k!r}")
     source = open_features(features, torch_device, in_memory_bytes, chunk_read_rows)
     if expected_dim is not None and source.dim != expected_dim:
         raise InvalidFeaturesError(f"features have dimension {source.dim}, expected {expected_dim} (the store's dim)")
-    if k >= source.n:
-        raise InvalidParameterError(f"k must satisfy 1 <= k < N = {source.n} (self is excluded), got k = {k}")
+    check_k(k, source.n)
 
     if shard is not None and shard.count > 1 and backend != "torch":
         raise InvalidParameterError(f"a rebuild split over workers needs backend torch (or auto), got {backend}")
@@ -135,18 +132,6 @@ def knn_entropy(
     )
 
 
-def resolve_device(device: str) -> torch.device:
-    """'cpu' or 'cuda' (or 'cuda:N') as a torch.device; cuda must actually be available."""
-    name = str(device)
-    if name not in DEVICES and not name.startswith("cuda:"):
-        raise InvalidParameterError(f"device must be cpu or cuda, got {device!r}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BackendUnavailableError(
-            f"device {name} requested but no CUDA GPU is available (torch.cuda.is_available() is False); use --device cpu"
-        )
-    return torch.device(name)
-
-
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend for ``backend`` on ``device``; checks that FAISS is importable."""
     if backend not in BACKENDS:
@@ -155,9 +140,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "torch"
     if backend.startswith("faiss"):
         import_faiss()                       # a one-line error when FAISS is missing
-        if device.type == "cuda" and not faiss_gpu_available():
-            raise BackendUnavailableError(
-                f"backend {backend} on cuda needs faiss-gpu (pip install faiss-gpu-cu12); "
-                "or use --backend torch, the fastest exact path on CUDA"
-            )
+        if device.type == "cuda":
+            require_faiss_gpu()
     return backend

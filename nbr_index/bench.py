@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backends import knn_entropy, resolve_device
+from .backends import knn_entropy
+from .checks import resolve_device
 from .errors import RebuildCancelled
 from .faiss_backend import faiss_gpu_available, import_faiss
 from .features import InMemoryFeatures

@@ -77,7 +77,7 @@ def neighbourhood_consistency(neighbours: np.ndarray, anchor: np.ndarray, labels
     return 100.0 * float(agreement.all(axis=1).mean())
 
 
-def neighbour_consistency(neighbours: np.ndarray, anchor: np.ndarray, labels: np.ndarray) -> float:
+def pair_consistency(neighbours: np.ndarray, anchor: np.ndarray, labels: np.ndarray) -> float:
     """Percent of (anchor, neighbour) pairs that share a label (NaN if no anchors)."""
     agreement = neighbour_label_agreement(neighbours, anchor, labels)
     if agreement.size == 0:

@@ -254,10 +254,15 @@ def _as_numpy(rows: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(rows.detach().cpu().numpy(), dtype=np.float32)
 
 
-def _gpu_resources(faiss):
+def require_faiss_gpu() -> None:
+    """A one-line error unless FAISS can run on a GPU here (the faiss backends on cuda)."""
     if not faiss_gpu_available():
         raise BackendUnavailableError(
             "backend faiss on cuda needs faiss-gpu (pip install faiss-gpu-cu12); "
             "or use --backend torch (the fastest exact path on CUDA)"
         )
+
+
+def _gpu_resources(faiss):
+    require_faiss_gpu()
     return faiss.StandardGpuResources()

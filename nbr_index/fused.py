@@ -56,6 +56,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from .checks import check_k, check_tau
 from .errors import BackendUnavailableError, InvalidParameterError
 from .features import DEFAULT_NORM_TOLERANCE, FeatureSource, scan_row_norms
 from .partial import PartialStatistics, fraction_bits, merge_best_
@@ -654,11 +655,8 @@ def _check_pass_arguments(n: int, k: int, tau: float, matmul_precision: str, dev
         raise InvalidParameterError(f"need at least 2 feature rows to find neighbours, got N = {n}")
     # k = 0 is the entropy-only pass a FAISS backend runs beside its own k-NN; users ask for k >= 1
     # (checked by knn_entropy and rebuild).
-    if not 0 <= k < n:
-        raise InvalidParameterError(f"k must satisfy 0 <= k < N = {n} (0: entropy only; self is excluded), "
-                                    f"got k = {k}")
-    if not (tau > 0 and math.isfinite(tau)):
-        raise InvalidParameterError(f"tau must be a positive temperature, got {tau}")
+    check_k(k, n, allow_entropy_only=True)
+    check_tau(tau)
     if matmul_precision not in MATMUL_PRECISIONS:
         raise InvalidParameterError(
             f"matmul precision must be one of {', '.join(MATMUL_PRECISIONS)}, got {matmul_precision!r}"

@@ -39,15 +39,6 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def check_gpu_count(device: str, world_size: int) -> None:
-    """nccl runs one worker per GPU: refuse more workers than this machine has GPUs."""
-    if str(device).startswith("cuda") and world_size > torch.cuda.device_count():
-        raise LaunchError(
-            f"--world-size {world_size} with nccl needs {world_size} GPUs, "
-            f"this machine has {torch.cuda.device_count()}: lower --world-size or use --device cpu"
-        )
-
-
 def check_port_free(port: int, host: str = "127.0.0.1") -> None:
     """Refuse a rendezvous port another process holds (the elastic agent would hang on it)."""
     if port == 0:

@@ -8,7 +8,6 @@ or overwritten, so a restarted or duplicated caller cannot publish a round twice
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -17,8 +16,9 @@ import numpy as np
 from storage import Store
 from storage.errors import UserError
 
-from .backends import knn_entropy, resolve_backend, resolve_device
-from .curriculum import MODES, check_round, neighbour_consistency, neighbourhood_consistency, select_anchors
+from .backends import knn_entropy, resolve_backend
+from .checks import check_k, check_tau, resolve_device
+from .curriculum import MODES, check_round, pair_consistency, neighbourhood_consistency, select_anchors
 from .errors import FeaturesNotReadyError, InvalidFeaturesError, InvalidParameterError
 from .fused import BlockSizes, Progress, check_shard_count, default_block_sizes, row_block_count, tile_rows
 from .shard import ProcessGroupShard
@@ -99,10 +99,8 @@ def check_rebuild_arguments(store: Store, round: int, *, rounds: int | None = No
     check_round(round, rounds)
     if mode not in MODES:
         raise InvalidParameterError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k < n:
-        raise InvalidParameterError(f"k must satisfy 1 <= k < N = {n} (self is excluded), got k = {k!r}")
-    if not (tau > 0 and math.isfinite(tau)):
-        raise InvalidParameterError(f"tau must be a positive temperature, got {tau}")
+    check_k(k, n)
+    check_tau(tau)
     torch_device = resolve_device(device)
     resolved = resolve_backend(backend, torch_device)  # an unusable backend/device fails before any work
     if world_size != 1:
@@ -185,7 +183,7 @@ def rebuild(
     labels = store.read_labels()
     if labels is not None and anchor.any():
         attrs["consistency"] = neighbourhood_consistency(result.neighbours, anchor, labels)
-        attrs["neighbour_consistency"] = neighbour_consistency(result.neighbours, anchor, labels)
+        attrs["pair_consistency"] = pair_consistency(result.neighbours, anchor, labels)
     attrs["seconds"] = time.perf_counter() - started
 
     published = False

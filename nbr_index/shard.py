@@ -28,8 +28,9 @@ import torch.distributed as dist
 from storage import Store
 from storage.errors import UserError
 
+from .checks import resolve_device
 from .errors import NbrIndexError
-from .launch import (check_gpu_count, environment_rank, init_process_group, launch_local, leave_process_group,
+from .launch import (environment_rank, init_process_group, launch_local, leave_process_group,
                      restart_count)
 from .partial import PartialStatistics, merge_best_
 
@@ -126,7 +127,7 @@ def rebuild_sharded(store_url: str, round: int, world_size: int, *, max_restarts
 
     store = Store.open(store_url)
     check_rebuild_arguments(store, round, world_size=world_size, **rebuild_options)
-    check_gpu_count(rebuild_options.get("device", "cpu"), world_size)
+    resolve_device(rebuild_options.get("device", "cpu"), local_workers=world_size)
     outcomes = launch_local(_rebuild_worker, (store.url, round, rebuild_options, stall_seconds, progress_seconds,
                                               quiet), world_size, max_restarts, master_port, run_id=RUN_ID)
     outcome = outcomes[0]

@@ -99,3 +99,48 @@ def test_a_diverged_step_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     assert torch.isfinite(state["memory"]).all()
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert Store.open(str(run / "store")).complete_feature_rounds() == []
+
+
+def test_a_run_state_round_trips_through_its_checkpoint(tmp_path):
+    """RunState.save then load_state_dict into a fresh run gives back every tensor, position,
+    row and the torch RNG stream, and what it writes is a complete checkpoint."""
+    from types import SimpleNamespace
+
+    from trainer.config import TrainConfig
+    from trainer.run_state import RunState
+
+    def fresh(seed: int) -> RunState:
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+        return RunState(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), torch.randn(10, 3))
+
+    state = fresh(0)
+    state.model(torch.randn(5, 4)).sum().backward()
+    state.optimizer.step()                                  # momentum buffers and BN statistics exist
+    state.start_round(2)
+    state.epoch_done({"round": 2, "epoch": 0, "loss": 1.5})
+    state.epoch_done({"round": 2, "epoch": 1, "loss": 1.25})
+    state.rounds = [{"round": 0, "knn_top1": 40.0}, {"round": 1, "knn_top1": 45.0}]
+    cfg = TrainConfig(run_dir=str(tmp_path))
+    data = SimpleNamespace(image_size=8, mean=(0.5,) * 3, std=(0.25,) * 3, classes=["a", "b"], dataset_id="t")
+    state.save(cfg, world_size=2, data=data)
+    expected_next = torch.rand(3)                           # the stream right after the save
+
+    saved = load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    assert set(REQUIRED_KEYS) <= set(saved) and saved["world_size"] == 2 and saved["data"]["image_size"] == 8
+    other = fresh(1)
+    other.load_state_dict(saved, "ckpt")
+    assert torch.equal(torch.rand(3), expected_next)
+    assert (other.round, other.epoch) == (2, 2) and other.history == state.history and other.rounds == state.rounds
+    assert other.round_seconds == pytest.approx(state.round_seconds)
+    assert torch.equal(other.memory, state.memory)
+    for (name, a), b in zip(state.model.state_dict().items(), other.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    momentum = [state.optimizer.state[p]["momentum_buffer"] for p in state.model.parameters()]
+    assert all(torch.equal(a, other.optimizer.state[q]["momentum_buffer"])
+               for a, q in zip(momentum, other.model.parameters()))
+    # Resumed in the round it was saved in, the round's clock continues; a new round starts at 0.
+    other.start_round(2)
+    assert other.seconds_in_round() >= state.round_seconds
+    other.round_done({"round": 2, "knn_top1": 50.0})
+    assert (other.round, other.epoch, other.round_seconds) == (3, 0, 0.0)

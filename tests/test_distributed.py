@@ -147,7 +147,7 @@ def test_a_run_saved_by_two_ranks_resumes_with_one(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--world-size", "0"], "--world-size must be at least 1, got 0"),
     (["--world-size", "2000"], "--world-size 2000 is larger than the training set (N = 1500)"),
-    (["--world-size", "2", "--device", "cuda"], "no CUDA GPU is visible"),
+    (["--world-size", "2", "--device", "cuda"], "no CUDA GPU is available"),
     (["--world-size", "2", "--max-restarts", "-1"], "--max-restarts must be 0 or more"),
 ])
 def test_launch_errors_are_one_line_and_write_nothing(tmp_path, args, message):

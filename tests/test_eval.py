@@ -13,7 +13,7 @@ from trainer.config import TrainConfig
 from trainer.data import load_dataset
 from trainer.knn import embed, evaluating, knn_class_scores, knn_predict
 from trainer.linear_probe import train_linear_probe
-from trainer.loop import evaluate_knn
+from trainer.evaluation import evaluate_knn
 from trainer.memory import init_memory
 from trainer.models import build_model
 from trainer.world import World

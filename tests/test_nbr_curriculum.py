@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from nbr_index import InvalidParameterError, anchor_count, neighbour_consistency, neighbourhood_consistency, select_anchors
+from nbr_index import InvalidParameterError, anchor_count, pair_consistency, neighbourhood_consistency, select_anchors
 
 
 def test_progressive_counts_are_floor_of_n_r_over_R():
@@ -53,5 +53,5 @@ def test_consistency_counts_anchors_whose_neighbours_all_share_the_label():
     # anchor 0: neighbours 1, 4 -> labels 0, 0: consistent; anchor 1: 0, 2 -> 0, 1: not;
     # anchor 2: 3, 0 -> 1, 0: not. One of three anchors; four of six pairs.
     assert neighbourhood_consistency(neighbours, anchor, labels) == pytest.approx(100 / 3)
-    assert neighbour_consistency(neighbours, anchor, labels) == pytest.approx(100 * 4 / 6)
+    assert pair_consistency(neighbours, anchor, labels) == pytest.approx(100 * 4 / 6)
     assert math.isnan(neighbourhood_consistency(neighbours, np.zeros(5, dtype=bool), labels))

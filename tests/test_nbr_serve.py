@@ -123,7 +123,7 @@ def test_a_failed_rebuild_is_recorded_and_stops_the_waiting_trainer_at_once(stor
     """A corrupted feature chunk makes the rebuild of round 1 raise: serve exits non-zero having
     recorded the error in the store, and a trainer waiting for round 1 stops with it at once
     (not after its timeout); a later rebuild of the round clears the record."""
-    from trainer.loop import IndexFailed, wait_for_neighbourhoods
+    from trainer.round_anchors import IndexFailed, wait_for_neighbourhoods
 
     chunk = tmp_path / "store" / "features" / "round-0000" / "rows" / "c" / "1" / "0"
     original = chunk.read_bytes()

@@ -242,6 +242,31 @@ def test_short_digits_run_writes_a_well_formed_summary(tmp_path, method, anchors
         assert result["knn_top1_memory"] == summary["final_knn_top1"] and result["test_top1"] > 50.0
 
 
+def test_a_one_process_run_checks_its_config_and_decodes_its_data_once(tmp_path, monkeypatch):
+    """trainer run checks everything once (trainer.preflight) and trains on the data it decoded."""
+    import trainer.config
+    import trainer.data
+    import trainer.preflight
+
+    calls = {"validate": 0, "load_dataset": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    validate, load = counted("validate", trainer.config.validate), counted("load_dataset", trainer.data.load_dataset)
+    for module in (trainer.config, trainer.preflight):
+        monkeypatch.setattr(module, "validate", validate)
+    for module in (trainer.data, trainer.preflight):
+        monkeypatch.setattr(module, "load_dataset", load)
+    result = _cli(["run", "--run-dir", str(tmp_path / "run"), "--rounds", "1", "--epochs-per-round", "1",
+                   "--eval-every", "0"])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert calls == {"validate": 1, "load_dataset": 1}
+
+
 def test_compile_without_a_cxx_compiler_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))          # no g++ / c++ / clang++ to be found
     monkeypatch.delenv("CXX", raising=False)

@@ -26,12 +26,13 @@ def test_a_training_step_never_waits_for_the_gpu(precision):
     digits, under torch's sync debug mode set to raise on any host synchronisation."""
     from trainer.config import TrainConfig
     from trainer.data import load_dataset
-    from trainer.loop import Curriculum, train_step
+    from trainer.loop import train_step
     from trainer.memory import init_memory
     from trainer.models import build_model
     from trainer.schedule import make_optimizer
     from trainer.seeding import generator, set_determinism
     from trainer.sharding import epoch_batches
+    from trainer.round_anchors import RoundAnchors
     from trainer.world import World
 
     device = torch.device("cuda")
@@ -48,18 +49,18 @@ def test_a_training_step_never_waits_for_the_gpu(precision):
     anchor = torch.zeros(n, dtype=torch.bool, device=device)
     anchor[: n // 2] = True
     neighbours = torch.randint(0, n, (n, 1), device=device)
-    curriculum = Curriculum(anchor, neighbours, n // 2, None)
+    half_anchors = RoundAnchors(anchor, neighbours, n // 2, None)
     world = World.single(device)
     batches = epoch_batches(n, 0, 1, 0, 0, 1, cfg.batch_size)
     steps = data.train_batches(batches, generator(0, "augment", 1, 0), device)
     images, indices = next(steps)
-    train_step(model, optimizer, memory, images, indices, curriculum, cfg, world)     # warm-up: allocations
+    train_step(model, optimizer, memory, images, indices, half_anchors, cfg, world)     # warm-up: allocations
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
             images, indices = next(steps)
-            loss = train_step(model, optimizer, memory, images, indices, curriculum, cfg, world)
+            loss = train_step(model, optimizer, memory, images, indices, half_anchors, cfg, world)
     finally:
         torch.cuda.set_sync_debug_mode("default")
         torch.use_deterministic_algorithms(deterministic)

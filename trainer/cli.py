@@ -20,10 +20,9 @@ import os
 import click
 
 from nbr_index.click_errors import UserErrorGroup
-from trainer.config import (ARCHS, DATASETS, TrainConfig, config_from_dict,
-                            load_config_file, resolve, validate)
+from nbr_index.checks import resolve_device
+from trainer.config import ARCHS, DATASETS, TrainConfig, config_from_dict, load_config_file, resolve
 from trainer.errors import TrainerError
-from trainer.world import check_device
 
 # Help for the flag of every TrainConfig field (every field is a flag; the file keys use the same names).
 FLAG_HELP = {
@@ -102,7 +101,8 @@ def _config_options(func):
 
 
 def build_config(flags: dict, config_file: str | None, resume: bool) -> TrainConfig:
-    """Defaults (or, with ``resume``, the checkpoint's config) < config file < given flags; validated, resolved."""
+    """Defaults (or, with ``resume``, the checkpoint's config) < config file < given flags, resolved
+    (``trainer.preflight`` validates it, once per process)."""
     given = {k: v for k, v in flags.items() if v is not None}
     base = None
     if resume:
@@ -112,9 +112,7 @@ def build_config(flags: dict, config_file: str | None, resume: bool) -> TrainCon
 
         base = config_from_dict(load_checkpoint(checkpoint_path(given["run_dir"]))["config"])
     file_values = load_config_file(config_file) if config_file else {}
-    cfg = config_from_dict({**file_values, **given}, base)
-    validate(cfg)
-    return resolve(cfg)
+    return resolve(config_from_dict({**file_values, **given}, base))
 
 
 @main.command()
@@ -150,19 +148,21 @@ def run(config_file, resume, world_size, max_restarts, master_port, check_replic
         distributed.train_worker(cfg.to_dict(), resume, check_replicas)
         return
     cfg = build_config(flags, config_file, resume)
-    distributed.check_device_for_world(cfg.device, world_size)
+    if world_size < 1:
+        raise TrainerError(f"--world-size must be at least 1, got {world_size}")
     if max_restarts < 0:
         raise TrainerError(f"--max-restarts must be 0 or more, got {max_restarts}")
-    from trainer.loop import preflight
+    from trainer.preflight import preflight
 
-    preflight(cfg, world_size, resume)
-    if world_size == 1 and max_restarts == 0:
+    data = preflight(cfg, world_size, resume, local_workers=world_size)
+    if world_size == 1 and max_restarts == 0:   # this process trains, on the data preflight decoded
         from trainer.loop import train
         from trainer.world import World
 
         train(cfg, World.single(cfg.device), resume=resume, log=distributed.run_dir_log(cfg.run_dir),
-              check_replicas=check_replicas)
+              check_replicas=check_replicas, data=data)
         return
+    del data   # each worker decodes its own
     click.echo(f"launching {world_size} worker(s) (max restarts {max_restarts}); run dir {cfg.run_dir}")
     distributed.launch_local(distributed.train_worker, (cfg.to_dict(), resume, check_replicas),
                              world_size, max_restarts, master_port)
@@ -189,8 +189,7 @@ def linear_probe(run_dir, epochs, lr, device):
         raise TrainerError(f"--epochs must be at least 1, got {epochs}")
     state = load_checkpoint(checkpoint_path(run_dir))
     cfg = config_from_dict(state["config"])
-    dev = torch.device(device or cfg.device)
-    check_device(dev)
+    dev = resolve_device(device or cfg.device)
     data = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.image_size, cfg.hflip, cfg.workers)
     model = build_model(cfg.arch, data.image_size, cfg.dim)
     model.load_state_dict(state["model"])
@@ -322,7 +321,7 @@ def speed(arch, size, batch_size, n, steps, device, precision, compile_):
         raise TrainerError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
     if min(size, batch_size, n, steps) < 1 or batch_size < 2:
         raise TrainerError("--size, --n and --steps must be positive and --batch-size at least 2")
-    check_device(device)
+    resolve_device(device)
     if compile_:
         check_compiler()
     rates = step_speed(arch, size, batch_size, n, steps, device, precision, compile_)

@@ -185,7 +185,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.index_timeout > 0, f"--index-timeout must be positive, got {cfg.index_timeout}")
     need(cfg.image_size is None or cfg.image_size >= 8, f"image_size must be at least 8, got {cfg.image_size}")
     need(cfg.workers >= 0, f"workers must be 0 or more, got {cfg.workers}")
-    need(cfg.device == "cpu" or cfg.device.startswith("cuda") or cfg.device == "mps",
+    need(cfg.device == "cpu" or cfg.device.startswith("cuda"),
          f"unknown device {cfg.device!r}: use cpu or cuda[:N]")
     if cfg.dataset in ("cifar10", "cifar100", "svhn", "imagefolder"):
         need(cfg.data_root is not None, f"--dataset {cfg.dataset} needs --data-root")

@@ -20,18 +20,10 @@ import sys
 import torch
 import torch.distributed as dist
 
-from nbr_index.launch import (LaunchError, check_gpu_count, check_port_free, environment_rank,  # noqa: F401
+from nbr_index.launch import (LaunchError, check_port_free, environment_rank,  # noqa: F401
                               free_port, init_process_group, launch_local, launched_by_torchrun, restart_count)
 from storage.errors import UserError
-from trainer.world import World, check_device
-
-
-def check_device_for_world(device: str, world_size: int) -> None:
-    """One-line errors for device requests this machine cannot satisfy."""
-    if world_size < 1:
-        raise LaunchError(f"--world-size must be at least 1, got {world_size}")
-    check_device(device)
-    check_gpu_count(device, world_size)
+from trainer.world import World
 
 
 def join_world(device: str, timeout_s: float = 600.0) -> World:

@@ -64,9 +64,9 @@ def load_model(source: str, device: str | torch.device = "cpu") -> EmbeddingMode
     """The trained model of ``source`` (a run directory, its checkpoint.pt, or a full ``trainer
     export`` file), in eval mode on ``device``: images (B, 3, S, S) -> (B, dim) unit rows.
     ``model.input_spec`` says how to prepare images for it (``embed`` does)."""
-    from trainer.world import check_device
+    from nbr_index.checks import resolve_device
 
-    check_device(device)
+    resolve_device(device)
     weights, config = read_trained(source)
     model = build_model(config["arch"], config["image_size"], config["dim"])
     model.load_state_dict(weights)

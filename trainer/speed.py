@@ -32,7 +32,8 @@ BLOCKS = 3
 def step_speed(arch: str = "smallcnn", size: int = 32, batch: int = 128, n: int = 50000, steps: int = 20,
                device: str = "cpu", precision: str = "fp32", compile: bool = False) -> dict:
     """{"supervised": images/s, "AND": images/s, "ratio": AND / supervised}."""
-    from trainer.loop import Curriculum, network_forward, train_step
+    from trainer.loop import network_forward, train_step
+    from trainer.round_anchors import RoundAnchors
 
     dev = torch.device(device)
     cfg = TrainConfig(precision=precision)
@@ -54,9 +55,10 @@ def step_speed(arch: str = "smallcnn", size: int = 32, batch: int = 128, n: int 
         and_model, supervised_model = compile_for_training(and_model), compile_for_training(supervised_model)
 
     memory = init_memory(n, cfg.dim, torch.Generator().manual_seed(3), dev)
-    curriculum = Curriculum(anchor=torch.ones(n, dtype=torch.bool, device=dev),
-                            neighbours=torch.randint(0, n, (n, 1), generator=torch.Generator().manual_seed(4)).to(dev),
-                            anchors=n, consistency=None)
+    every_sample_an_anchor = RoundAnchors(
+        is_anchor=torch.ones(n, dtype=torch.bool, device=dev),
+        neighbours=torch.randint(0, n, (n, 1), generator=torch.Generator().manual_seed(4)).to(dev),
+        count=n, consistency=None)
     world = World.single(dev)
     index_gen = torch.Generator().manual_seed(5)
 
@@ -69,7 +71,7 @@ def step_speed(arch: str = "smallcnn", size: int = 32, batch: int = 128, n: int 
 
     def and_step():
         indices = torch.randint(0, n, (batch,), generator=index_gen).to(dev)
-        train_step(and_model, and_opt, memory, augment(images, spec, aug_gen), indices, curriculum, cfg, world)
+        train_step(and_model, and_opt, memory, augment(images, spec, aug_gen), indices, every_sample_an_anchor, cfg, world)
 
     def images_per_s(step_fn) -> float:
         _sync(dev)

@@ -11,14 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from trainer.errors import TrainerError
 from trainer.global_bn import convert_to_global_bn
-
-
-def check_device(device: str | torch.device) -> None:
-    """One-line error for a CUDA device this machine does not have."""
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise TrainerError("--device cuda asked for, but no CUDA GPU is visible: use --device cpu")
 
 
 @dataclass
