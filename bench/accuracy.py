@@ -46,7 +46,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARBALLS = (os.path.join(os.path.dirname(ROOT), "shared", "data", "cifar10-jpg.tar.gz"),
             os.path.join(ROOT, ".data", "cifar10-jpg.tar.gz"))
 IMPLEMENTATIONS = ("project", "reference")
-METHODS = ("and", "instance", "and-oneoff")
+METHODS = ("and", "instance", "and-oneoff", "and-mutual")
+# The trainer flags of each method; and-mutual is AND with the mutual-nearest-neighbour anchor
+# selection (nbr_index.selection), a rule beyond the paper that the minimal reference does not have.
+METHOD_FLAGS = {"and": ["--method", "and"], "instance": ["--method", "instance"],
+                "and-oneoff": ["--method", "and-oneoff"], "and-mutual": ["--method", "and", "--selection", "mutual"]}
+REFERENCE_METHODS = ("and", "instance", "and-oneoff")
 
 
 @dataclass(frozen=True)
@@ -145,7 +150,7 @@ def commands(run: Run, protocol: Protocol, data: str | None) -> list[list[str]]:
                  "--method", run.method, "--seed", str(run.seed), "--rounds", str(protocol.rounds + 1),
                  "--epochs", str(protocol.epochs), "--arch", protocol.arch, "--threads", "0",
                  "--out", os.path.join(run.run_dir, "reference.json")]]
-    train = [python, "-m", "trainer.cli", "run", "--run-dir", run.run_dir, "--method", run.method,
+    train = [python, "-m", "trainer.cli", "run", "--run-dir", run.run_dir, *METHOD_FLAGS[run.method],
              "--seed", str(run.seed), "--rounds", str(protocol.rounds), "--epochs-per-round", str(protocol.epochs),
              "--arch", protocol.arch, "--batch-size", str(protocol.batch_size), "--device", protocol.device,
              *protocol.extra_flags]
@@ -357,6 +362,8 @@ def main(protocol_name, methods, implementations, seeds, epochs, jobs, threads, 
     for seed in seed_list:
         for method in method_list:
             for impl in impl_list:
+                if impl == "reference" and method not in REFERENCE_METHODS:
+                    continue
                 run = Run(impl, method, seed, os.path.abspath(os.path.join(out_dir, f"{impl}-{method}-seed{seed}")))
                 if os.path.exists(run.result_path):
                     with open(run.result_path) as fh:

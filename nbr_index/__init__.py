@@ -13,6 +13,7 @@ from .curriculum import anchor_count, pair_consistency, neighbourhood_consistenc
 from .errors import (BackendUnavailableError, FeaturesNotReadyError, InvalidFeaturesError, InvalidParameterError,
                      NbrIndexError, RebuildCancelled)
 from .rebuild import RebuildResult, rebuild
+from .selection import SELECTIONS, mutual_nearest
 from .shard import ProcessGroupShard
 
 __all__ = [
@@ -26,8 +27,10 @@ __all__ = [
     "RebuildCancelled",
     "ProcessGroupShard",
     "RebuildResult",
+    "SELECTIONS",
     "anchor_count",
     "knn_entropy",
+    "mutual_nearest",
     "pair_consistency",
     "neighbourhood_consistency",
     "rebuild",

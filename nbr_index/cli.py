@@ -18,6 +18,7 @@ from .click_errors import UserErrorGroup
 from .curriculum import MODES
 from .fused import MATMUL_PRECISIONS
 from .progress import StderrProgress
+from .selection import SELECTIONS
 
 GIB = 1 << 30
 
@@ -39,6 +40,9 @@ def _compute_options(function):
         click.option("--tau", type=float, default=None, help="Softmax temperature of the entropy [store's curriculum, else 0.1]."),
         click.option("--mode", type=click.Choice(MODES), default=None,
                      help="progressive: floor(N r/R) lowest-entropy anchors; oneoff: all N [store's curriculum]."),
+        click.option("--selection", type=click.Choice(SELECTIONS), default=None,
+                     help="Which rows fill the anchor places: entropy (the paper) or mutual (mutual nearest "
+                          "neighbours first, by entropy) [store's curriculum, else entropy]."),
         click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
                      help="torch: fused k-NN + entropy (auto picks it); faiss: exact FAISS k-NN; faiss-ivf: approximate."),
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda:N)."),
@@ -54,9 +58,10 @@ def _compute_options(function):
     return function
 
 
-def _rebuild_options(rounds, k, tau, mode, backend, device, matmul_precision, nprobe, nlist, max_in_memory_gb) -> dict:
+def _rebuild_options(rounds, k, tau, mode, selection, backend, device, matmul_precision, nprobe, nlist,
+                     max_in_memory_gb) -> dict:
     return dict(
-        rounds=rounds, k=k, tau=tau, mode=mode, backend=backend, device=device,
+        rounds=rounds, k=k, tau=tau, mode=mode, selection=selection, backend=backend, device=device,
         matmul_precision=matmul_precision, nprobe=nprobe, nlist=nlist,
         in_memory_bytes=int(max_in_memory_gb * GIB) if math.isfinite(max_in_memory_gb) else math.inf,
     )

@@ -35,10 +35,12 @@ def anchor_count(n: int, round: int, rounds: int, mode: str = "progressive") -> 
     return n if mode == "oneoff" else (n * round) // rounds
 
 
-def select_anchors(entropy: np.ndarray, round: int, rounds: int, mode: str = "progressive") -> np.ndarray:
+def select_anchors(entropy: np.ndarray, round: int, rounds: int, mode: str = "progressive",
+                   preferred: np.ndarray | None = None) -> np.ndarray:
     """(N,) bool: the anchor_count lowest-entropy rows; equal entropies go to the lower index.
 
-    entropy: (N,) float.
+    entropy: (N,) float. preferred: (N,) bool rows to take before all others (a selection rule,
+    ``nbr_index.selection``), each group by entropy; None: entropy alone (the paper).
     """
     entropy = np.asarray(entropy)
     if entropy.ndim != 1:
@@ -47,8 +49,15 @@ def select_anchors(entropy: np.ndarray, round: int, rounds: int, mode: str = "pr
         bad = int(np.nonzero(~np.isfinite(entropy))[0][0])
         raise InvalidParameterError(f"entropy of row {bad} is not finite ({entropy[bad]})")
     count = anchor_count(entropy.size, round, rounds, mode)
-    # A stable sort keeps equal entropies in index order, so the lower index is taken first.
-    lowest = np.argsort(entropy, kind="stable")[:count]
+    if preferred is None:
+        # A stable sort keeps equal entropies in index order, so the lower index is taken first.
+        lowest = np.argsort(entropy, kind="stable")[:count]
+    else:
+        preferred = np.asarray(preferred, dtype=bool)
+        if preferred.shape != entropy.shape:
+            raise InvalidParameterError(f"preferred must be (N,) = {entropy.shape}, got {preferred.shape}")
+        # lexsort sorts by its last key first and is stable: preferred rows, then by entropy, then index.
+        lowest = np.lexsort((entropy, ~preferred))[:count]
     anchor = np.zeros(entropy.size, dtype=bool)
     anchor[lowest] = True
     return anchor

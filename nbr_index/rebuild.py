@@ -21,10 +21,11 @@ from .checks import check_k, check_tau, resolve_device
 from .curriculum import MODES, check_round, pair_consistency, neighbourhood_consistency, select_anchors
 from .errors import FeaturesNotReadyError, InvalidFeaturesError, InvalidParameterError
 from .fused import BlockSizes, Progress, check_shard_count, default_block_sizes, row_block_count, tile_rows
+from .selection import check_selection, mutual_nearest, preferred_rows
 from .shard import ProcessGroupShard
 
 # Used when the store records no curriculum (the trainer normally writes one).
-DEFAULT_CURRICULUM = {"rounds": 4, "k": 1, "tau": 0.1, "mode": "progressive"}
+DEFAULT_CURRICULUM = {"rounds": 4, "k": 1, "tau": 0.1, "mode": "progressive", "selection": "entropy"}
 
 
 @dataclass
@@ -56,6 +57,7 @@ class RebuildResult:
             f"k={a.get('k')}",
             f"tau={a.get('tau')}",
             f"mode={a.get('mode')}",
+            f"selection={a.get('selection', 'entropy')}",
             f"from features round {a.get('source_features_round')}",
             f"{a.get('seconds', float('nan')):.2f} s",
             f"backend {a.get('backend')} on {a.get('device', '?')}",
@@ -72,7 +74,7 @@ class RebuildResult:
 
 
 def store_curriculum(store: Store) -> dict:
-    """{"rounds", "k", "tau", "mode"}: what the trainer recorded in the store, defaults for the rest."""
+    """{"rounds", "k", "tau", "mode", "selection"}: what the trainer recorded in the store, defaults for the rest."""
     return {**DEFAULT_CURRICULUM, **(store.info.curriculum or {})}
 
 
@@ -82,10 +84,12 @@ class _Parameters:
     k: int
     tau: float
     mode: str
+    selection: str
 
 
 def check_rebuild_arguments(store: Store, round: int, *, rounds: int | None = None, k: int | None = None,
-                            tau: float | None = None, mode: str | None = None, backend: str = "auto",
+                            tau: float | None = None, mode: str | None = None, selection: str | None = None,
+                            backend: str = "auto",
                             device: str = "cpu", world_size: int = 1, block_sizes: BlockSizes | None = None,
                             **_compute_options) -> _Parameters:
     """The curriculum parameters of ``round`` (defaults from the store), or a one-line error for
@@ -95,10 +99,12 @@ def check_rebuild_arguments(store: Store, round: int, *, rounds: int | None = No
     k = curriculum["k"] if k is None else k
     tau = float(curriculum["tau"] if tau is None else tau)
     mode = curriculum["mode"] if mode is None else mode
+    selection = curriculum["selection"] if selection is None else selection
     n = store.info.n
     check_round(round, rounds)
     if mode not in MODES:
         raise InvalidParameterError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    check_selection(selection)
     check_k(k, n)
     check_tau(tau)
     torch_device = resolve_device(device)
@@ -107,7 +113,7 @@ def check_rebuild_arguments(store: Store, round: int, *, rounds: int | None = No
         if resolved != "torch":
             raise InvalidParameterError(f"--world-size {world_size} needs backend torch (or auto), got {backend}")
         check_shard_count(n, tile_rows(n, block_sizes or default_block_sizes(torch_device)), world_size)
-    return _Parameters(int(rounds), int(k), tau, mode)
+    return _Parameters(int(rounds), int(k), tau, mode, selection)
 
 
 def rebuild(
@@ -118,6 +124,7 @@ def rebuild(
     k: int | None = None,
     tau: float | None = None,
     mode: str | None = None,
+    selection: str | None = None,
     backend: str = "auto",
     device: str = "cpu",
     progress: Progress | None = None,
@@ -126,7 +133,7 @@ def rebuild(
 ) -> RebuildResult:
     """Compute and publish neighbourhoods/round-``round`` from features/round-(round-1).
 
-    rounds, k, tau, mode default to ``store.info.curriculum``. compute_options go to
+    rounds, k, tau, mode, selection (``nbr_index.selection``) default to ``store.info.curriculum``. compute_options go to
     ``knn_entropy`` (in_memory_bytes, chunk_read_rows, block_sizes, matmul_precision, workers,
     nlist, nprobe). Returns the published round, or the one found already published.
     shard: this process's part of a rebuild split over a process group (``nbr_index.shard``):
@@ -148,7 +155,8 @@ def rebuild(
                                                          or default_block_sizes(torch_device)))
         split = 1 < shard.count <= blocks and resolve_backend(backend, torch_device) == "torch"
         prepared = _prepare(store, round, backend, device, shard.count if split else 1,
-                            compute_options.get("block_sizes"), rounds=rounds, k=k, tau=tau, mode=mode)
+                            compute_options.get("block_sizes"), rounds=rounds, k=k, tau=tau, mode=mode,
+                            selection=selection)
     except UserError as failure:
         error = failure
     views = shard.agree(None if prepared is None else prepared.view, error)
@@ -164,7 +172,8 @@ def rebuild(
         reader, k=parameters.k, tau=parameters.tau, backend=backend, device=device, progress=progress,
         expected_dim=store.info.dim, shard=shard if split else None, **compute_options,
     )
-    anchor = select_anchors(result.entropy, round, parameters.rounds, parameters.mode)
+    anchor = select_anchors(result.entropy, round, parameters.rounds, parameters.mode,
+                            preferred_rows(parameters.selection, result.neighbours))
     attrs = {
         "round": round,
         "rounds": parameters.rounds,
@@ -172,6 +181,9 @@ def rebuild(
         "tau": parameters.tau,
         "fraction": float(anchor.sum()) / n,
         "mode": parameters.mode,
+        "selection": parameters.selection,
+        # share of rows that are a mutual nearest neighbour (what the mutual rule takes first)
+        "mutual_fraction": float(mutual_nearest(result.neighbours).mean()),
         "source_features_round": round - 1,
         "source_checksum": reader.checksum,
         "backend": result.backend,
@@ -212,7 +224,8 @@ def _prepare(store: Store, round: int, backend: str, device: str, world_size: in
                                       block_sizes=block_sizes, **parameters)
     n = store.info.n
     view = {"n": n, "dim": store.info.dim, "dataset_id": store.info.dataset_id, "round": round,
-            "rounds": checked.rounds, "k": checked.k, "tau": checked.tau, "mode": checked.mode, "backend": backend,
+            "rounds": checked.rounds, "k": checked.k, "tau": checked.tau, "mode": checked.mode,
+            "selection": checked.selection, "backend": backend,
             "block_rows": tile_rows(n, block_sizes or default_block_sizes(resolve_device(device)))}
     if round in store.published_rounds():
         return _Prepared(checked, None, {**view, "_published": True})

@@ -11,6 +11,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field, fields
 
+from nbr_index.selection import SELECTIONS
 from trainer.errors import TrainerError
 
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "svhn", "imagefolder")
@@ -49,6 +50,7 @@ class TrainConfig:
     rounds: int = 4                      # curriculum rounds R after round 0 (R + 1 training rounds)
     k: int = 1                           # neighbours per anchor
     tau: float = 0.1                     # softmax temperature (loss and entropy)
+    selection: str = "entropy"           # which rows fill the anchor places: entropy (paper) | mutual
     eta: float = 0.5                     # memory-bank EMA rate (Eq 8)
     # optimisation (per round; the lr schedule restarts every round)
     epochs_per_round: int | None = None  # None: 200 (paper), 30 for digits, 2 for synthetic
@@ -168,6 +170,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.arch in ARCHS, f"unknown arch {cfg.arch!r}: choose one of {', '.join(ARCHS)}")
     need(cfg.method in METHODS, f"unknown method {cfg.method!r}: choose one of {', '.join(METHODS)}")
     need(cfg.precision in ("fp32", "bf16"), f"unknown precision {cfg.precision!r}: choose fp32 or bf16")
+    need(cfg.selection in SELECTIONS,
+         f"unknown selection {cfg.selection!r}: choose one of {', '.join(SELECTIONS)}")
     need(cfg.index in INDEX_MODES, f"unknown index mode {cfg.index!r}: choose inline or service")
     need(cfg.rounds >= 1, f"--rounds must be at least 1 (curriculum rounds after round 0), got {cfg.rounds}")
     need(cfg.epochs_per_round is None or cfg.epochs_per_round >= 1,

@@ -23,7 +23,8 @@ def open_store(cfg: TrainConfig, data: ImageDataset, world: World):
 
     if world.is_main:
         os.makedirs(cfg.run_dir, exist_ok=True)
-        curriculum = {"rounds": cfg.rounds, "k": cfg.k, "tau": cfg.tau, "mode": cfg.anchor_mode}
+        curriculum = {"rounds": cfg.rounds, "k": cfg.k, "tau": cfg.tau, "mode": cfg.anchor_mode,
+                      "selection": cfg.selection}
         store = Store.create_or_open(cfg.store, n=len(data.train), dim=cfg.dim, dataset_id=data.dataset_id,
                                      curriculum=curriculum)
         if store.read_labels() is None:
