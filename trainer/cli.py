@@ -164,7 +164,7 @@ def run(config_file, resume, world_size, max_restarts, master_port, check_replic
         train(cfg, World.single(cfg.device), resume=resume, log=distributed.run_dir_log(cfg.run_dir),
               check_replicas=check_replicas, data=data)
         return
-    del data   # each worker decodes its own
+    del data   # the workers are other processes: each decodes its own
     click.echo(f"launching {world_size} worker(s) (max restarts {max_restarts}); run dir {cfg.run_dir}")
     distributed.launch_local(distributed.train_worker, (cfg.to_dict(), resume, check_replicas),
                              world_size, max_restarts, master_port)
