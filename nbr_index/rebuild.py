@@ -172,8 +172,9 @@ def rebuild(
         reader, k=parameters.k, tau=parameters.tau, backend=backend, device=device, progress=progress,
         expected_dim=store.info.dim, shard=shard if split else None, **compute_options,
     )
+    mutual = mutual_nearest(result.neighbours)
     anchor = select_anchors(result.entropy, round, parameters.rounds, parameters.mode,
-                            preferred_rows(parameters.selection, result.neighbours))
+                            preferred_rows(parameters.selection, mutual))
     attrs = {
         "round": round,
         "rounds": parameters.rounds,
@@ -183,7 +184,7 @@ def rebuild(
         "mode": parameters.mode,
         "selection": parameters.selection,
         # share of rows that are a mutual nearest neighbour (what the mutual rule takes first)
-        "mutual_fraction": float(mutual_nearest(result.neighbours).mean()),
+        "mutual_fraction": float(mutual.mean()),
         "source_features_round": round - 1,
         "source_checksum": reader.checksum,
         "backend": result.backend,

@@ -161,7 +161,8 @@ def load_config_file(path: str) -> dict:
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Checks that need no data; each failure is one line naming the flag."""
+    """Checks that need no data; each failure is one line naming the flag. (The device is
+    checked beside it, by ``trainer.preflight`` with ``nbr_index.checks.resolve_device``.)"""
     def need(ok: bool, message: str):
         if not ok:
             raise ConfigError(message)
@@ -189,8 +190,6 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.index_timeout > 0, f"--index-timeout must be positive, got {cfg.index_timeout}")
     need(cfg.image_size is None or cfg.image_size >= 8, f"image_size must be at least 8, got {cfg.image_size}")
     need(cfg.workers >= 0, f"workers must be 0 or more, got {cfg.workers}")
-    need(cfg.device == "cpu" or cfg.device.startswith("cuda"),
-         f"unknown device {cfg.device!r}: use cpu or cuda[:N]")
     if cfg.dataset in ("cifar10", "cifar100", "svhn", "imagefolder"):
         need(cfg.data_root is not None, f"--dataset {cfg.dataset} needs --data-root")
 
