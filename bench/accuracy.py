@@ -46,11 +46,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARBALLS = (os.path.join(os.path.dirname(ROOT), "shared", "data", "cifar10-jpg.tar.gz"),
             os.path.join(ROOT, ".data", "cifar10-jpg.tar.gz"))
 IMPLEMENTATIONS = ("project", "reference")
-METHODS = ("and", "instance", "and-oneoff", "and-mutual")
 # The trainer flags of each method; and-mutual is AND with the mutual-nearest-neighbour anchor
 # selection (nbr_index.selection), a rule beyond the paper that the minimal reference does not have.
 METHOD_FLAGS = {"and": ["--method", "and"], "instance": ["--method", "instance"],
                 "and-oneoff": ["--method", "and-oneoff"], "and-mutual": ["--method", "and", "--selection", "mutual"]}
+METHODS = tuple(METHOD_FLAGS)
 REFERENCE_METHODS = ("and", "instance", "and-oneoff")
 
 
