@@ -46,10 +46,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARBALLS = (os.path.join(os.path.dirname(ROOT), "shared", "data", "cifar10-jpg.tar.gz"),
             os.path.join(ROOT, ".data", "cifar10-jpg.tar.gz"))
 IMPLEMENTATIONS = ("project", "reference")
-# The trainer flags of each method; and-mutual is AND with the mutual-nearest-neighbour anchor
-# selection (nbr_index.selection), a rule beyond the paper that the minimal reference does not have.
+# The trainer flags of each method. and-mutual and and-stable are AND with another anchor selection
+# (nbr_index.selection), and-cap75 AND with at most 75% anchors in any round (the last round's
+# count is round 3's): rules beyond the paper that the minimal reference does not have.
 METHOD_FLAGS = {"and": ["--method", "and"], "instance": ["--method", "instance"],
-                "and-oneoff": ["--method", "and-oneoff"], "and-mutual": ["--method", "and", "--selection", "mutual"]}
+                "and-oneoff": ["--method", "and-oneoff"], "and-mutual": ["--method", "and", "--selection", "mutual"],
+                "and-stable": ["--method", "and", "--selection", "stable"],
+                "and-cap75": ["--method", "and", "--max-anchor-fraction", "0.75"]}
 METHODS = tuple(METHOD_FLAGS)
 REFERENCE_METHODS = ("and", "instance", "and-oneoff")
 

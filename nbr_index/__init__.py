@@ -13,7 +13,7 @@ from .curriculum import anchor_count, pair_consistency, neighbourhood_consistenc
 from .errors import (BackendUnavailableError, FeaturesNotReadyError, InvalidFeaturesError, InvalidParameterError,
                      NbrIndexError, RebuildCancelled)
 from .rebuild import RebuildResult, rebuild
-from .selection import SELECTIONS, mutual_nearest
+from .selection import SELECTIONS, mutual_nearest, stable_nearest
 from .shard import ProcessGroupShard
 
 __all__ = [
@@ -35,4 +35,5 @@ __all__ = [
     "neighbourhood_consistency",
     "rebuild",
     "select_anchors",
+    "stable_nearest",
 ]

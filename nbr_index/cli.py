@@ -41,8 +41,12 @@ def _compute_options(function):
         click.option("--mode", type=click.Choice(MODES), default=None,
                      help="progressive: floor(N r/R) lowest-entropy anchors; oneoff: all N [store's curriculum]."),
         click.option("--selection", type=click.Choice(SELECTIONS), default=None,
-                     help="Which rows fill the anchor places: entropy (the paper) or mutual (mutual nearest "
-                          "neighbours first, by entropy) [store's curriculum, else entropy]."),
+                     help="Which rows fill the anchor places: entropy (the paper), mutual (mutual nearest "
+                          "neighbours first, by entropy) or stable (rows whose nearest neighbour was a neighbour "
+                          "in the previous round first) [store's curriculum, else entropy]."),
+        click.option("--max-anchor-fraction", type=float, default=None,
+                     help="At most floor(N f) anchors in any round, f in (0, 1]; 1 = the paper "
+                          "[store's curriculum, else 1]."),
         click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
                      help="torch: fused k-NN + entropy (auto picks it); faiss: exact FAISS k-NN; faiss-ivf: approximate."),
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda:N)."),
@@ -58,10 +62,11 @@ def _compute_options(function):
     return function
 
 
-def _rebuild_options(rounds, k, tau, mode, selection, backend, device, matmul_precision, nprobe, nlist,
-                     max_in_memory_gb) -> dict:
+def _rebuild_options(rounds, k, tau, mode, selection, max_anchor_fraction, backend, device, matmul_precision,
+                     nprobe, nlist, max_in_memory_gb) -> dict:
     return dict(
-        rounds=rounds, k=k, tau=tau, mode=mode, selection=selection, backend=backend, device=device,
+        rounds=rounds, k=k, tau=tau, mode=mode, selection=selection, max_anchor_fraction=max_anchor_fraction,
+        backend=backend, device=device,
         matmul_precision=matmul_precision, nprobe=nprobe, nlist=nlist,
         in_memory_bytes=int(max_in_memory_gb * GIB) if math.isfinite(max_in_memory_gb) else math.inf,
     )

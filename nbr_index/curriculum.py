@@ -2,7 +2,9 @@
 
 Round r = 1..R of training uses anchors chosen from the memory bank after round r-1:
 - ``progressive``: the floor(N r / R) LOWEST-entropy rows (ties -> lower index);
-- ``oneoff``: all N rows for every round (the paper's Table 6 one-off selection).
+- ``oneoff``: all N rows for every round (the paper's Table 6 one-off selection);
+- either capped at floor(N max_fraction) anchors (beyond the paper; 1 = no cap, the paper): the
+  rows left out keep the instance loss even in the last round.
 Labels are for reporting only; nothing here feeds them back into training.
 """
 
@@ -27,20 +29,31 @@ def check_round(round: int, rounds: int) -> None:
         )
 
 
-def anchor_count(n: int, round: int, rounds: int, mode: str = "progressive") -> int:
-    """Number of anchors of round ``round``: floor(N round / rounds), or N for ``oneoff``."""
+def check_max_fraction(max_fraction: float) -> None:
+    """Raise InvalidParameterError unless 0 < max_fraction <= 1."""
+    if not isinstance(max_fraction, (int, float, np.floating)) or not 0.0 < float(max_fraction) <= 1.0:
+        raise InvalidParameterError(f"max anchor fraction must be in (0, 1] (1: no cap, the paper), got {max_fraction!r}")
+
+
+def anchor_count(n: int, round: int, rounds: int, mode: str = "progressive", max_fraction: float = 1.0) -> int:
+    """Number of anchors of round ``round``: floor(N round / rounds), or N for ``oneoff``; at most
+    floor(N max_fraction)."""
     check_round(round, rounds)
     if mode not in MODES:
         raise InvalidParameterError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    return n if mode == "oneoff" else (n * round) // rounds
+    check_max_fraction(max_fraction)
+    count = n if mode == "oneoff" else (n * round) // rounds
+    # floor(N f), forgiving float error: 0.29 * 100 is 28.999999999999996 in binary and means 29.
+    return min(count, math.floor(n * float(max_fraction) + 1e-9))
 
 
 def select_anchors(entropy: np.ndarray, round: int, rounds: int, mode: str = "progressive",
-                   preferred: np.ndarray | None = None) -> np.ndarray:
+                   preferred: np.ndarray | None = None, max_fraction: float = 1.0) -> np.ndarray:
     """(N,) bool: the anchor_count lowest-entropy rows; equal entropies go to the lower index.
 
     entropy: (N,) float. preferred: (N,) bool rows to take before all others (a selection rule,
     ``nbr_index.selection``), each group by entropy; None: entropy alone (the paper).
+    max_fraction: the cap of ``anchor_count``.
     """
     entropy = np.asarray(entropy)
     if entropy.ndim != 1:
@@ -48,7 +61,7 @@ def select_anchors(entropy: np.ndarray, round: int, rounds: int, mode: str = "pr
     if not np.isfinite(entropy).all():
         bad = int(np.nonzero(~np.isfinite(entropy))[0][0])
         raise InvalidParameterError(f"entropy of row {bad} is not finite ({entropy[bad]})")
-    count = anchor_count(entropy.size, round, rounds, mode)
+    count = anchor_count(entropy.size, round, rounds, mode, max_fraction)
     if preferred is None:
         # A stable sort keeps equal entropies in index order, so the lower index is taken first.
         lowest = np.argsort(entropy, kind="stable")[:count]

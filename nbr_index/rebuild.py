@@ -18,14 +18,16 @@ from storage.errors import UserError
 
 from .backends import knn_entropy, resolve_backend
 from .checks import check_k, check_tau, resolve_device
-from .curriculum import MODES, check_round, pair_consistency, neighbourhood_consistency, select_anchors
+from .curriculum import (MODES, check_max_fraction, check_round, neighbourhood_consistency, pair_consistency,
+                         select_anchors)
 from .errors import FeaturesNotReadyError, InvalidFeaturesError, InvalidParameterError
 from .fused import BlockSizes, Progress, check_shard_count, default_block_sizes, row_block_count, tile_rows
-from .selection import check_selection, mutual_nearest, preferred_rows
+from .selection import check_selection, mutual_nearest, preferred_rows, stable_nearest
 from .shard import ProcessGroupShard
 
 # Used when the store records no curriculum (the trainer normally writes one).
-DEFAULT_CURRICULUM = {"rounds": 4, "k": 1, "tau": 0.1, "mode": "progressive", "selection": "entropy"}
+DEFAULT_CURRICULUM = {"rounds": 4, "k": 1, "tau": 0.1, "mode": "progressive", "selection": "entropy",
+                      "max_anchor_fraction": 1.0}
 
 
 @dataclass
@@ -58,6 +60,7 @@ class RebuildResult:
             f"tau={a.get('tau')}",
             f"mode={a.get('mode')}",
             f"selection={a.get('selection', 'entropy')}",
+            f"max_anchor_fraction={a.get('max_anchor_fraction', 1.0)}",
             f"from features round {a.get('source_features_round')}",
             f"{a.get('seconds', float('nan')):.2f} s",
             f"backend {a.get('backend')} on {a.get('device', '?')}",
@@ -74,7 +77,8 @@ class RebuildResult:
 
 
 def store_curriculum(store: Store) -> dict:
-    """{"rounds", "k", "tau", "mode", "selection"}: what the trainer recorded in the store, defaults for the rest."""
+    """{"rounds", "k", "tau", "mode", "selection", "max_anchor_fraction"}: what the trainer recorded in
+    the store, defaults for the rest."""
     return {**DEFAULT_CURRICULUM, **(store.info.curriculum or {})}
 
 
@@ -85,11 +89,12 @@ class _Parameters:
     tau: float
     mode: str
     selection: str
+    max_anchor_fraction: float
 
 
 def check_rebuild_arguments(store: Store, round: int, *, rounds: int | None = None, k: int | None = None,
                             tau: float | None = None, mode: str | None = None, selection: str | None = None,
-                            backend: str = "auto",
+                            max_anchor_fraction: float | None = None, backend: str = "auto",
                             device: str = "cpu", world_size: int = 1, block_sizes: BlockSizes | None = None,
                             **_compute_options) -> _Parameters:
     """The curriculum parameters of ``round`` (defaults from the store), or a one-line error for
@@ -100,11 +105,13 @@ def check_rebuild_arguments(store: Store, round: int, *, rounds: int | None = No
     tau = float(curriculum["tau"] if tau is None else tau)
     mode = curriculum["mode"] if mode is None else mode
     selection = curriculum["selection"] if selection is None else selection
+    max_anchor_fraction = curriculum["max_anchor_fraction"] if max_anchor_fraction is None else max_anchor_fraction
     n = store.info.n
     check_round(round, rounds)
     if mode not in MODES:
         raise InvalidParameterError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     check_selection(selection)
+    check_max_fraction(max_anchor_fraction)
     check_k(k, n)
     check_tau(tau)
     torch_device = resolve_device(device)
@@ -113,7 +120,7 @@ def check_rebuild_arguments(store: Store, round: int, *, rounds: int | None = No
         if resolved != "torch":
             raise InvalidParameterError(f"--world-size {world_size} needs backend torch (or auto), got {backend}")
         check_shard_count(n, tile_rows(n, block_sizes or default_block_sizes(torch_device)), world_size)
-    return _Parameters(int(rounds), int(k), tau, mode, selection)
+    return _Parameters(int(rounds), int(k), tau, mode, selection, float(max_anchor_fraction))
 
 
 def rebuild(
@@ -125,6 +132,7 @@ def rebuild(
     tau: float | None = None,
     mode: str | None = None,
     selection: str | None = None,
+    max_anchor_fraction: float | None = None,
     backend: str = "auto",
     device: str = "cpu",
     progress: Progress | None = None,
@@ -133,7 +141,8 @@ def rebuild(
 ) -> RebuildResult:
     """Compute and publish neighbourhoods/round-``round`` from features/round-(round-1).
 
-    rounds, k, tau, mode, selection (``nbr_index.selection``) default to ``store.info.curriculum``. compute_options go to
+    rounds, k, tau, mode, selection (``nbr_index.selection``) and max_anchor_fraction (the cap of
+    ``curriculum.anchor_count``) default to ``store.info.curriculum``. compute_options go to
     ``knn_entropy`` (in_memory_bytes, chunk_read_rows, block_sizes, matmul_precision, workers,
     nlist, nprobe). Returns the published round, or the one found already published.
     shard: this process's part of a rebuild split over a process group (``nbr_index.shard``):
@@ -156,7 +165,7 @@ def rebuild(
         split = 1 < shard.count <= blocks and resolve_backend(backend, torch_device) == "torch"
         prepared = _prepare(store, round, backend, device, shard.count if split else 1,
                             compute_options.get("block_sizes"), rounds=rounds, k=k, tau=tau, mode=mode,
-                            selection=selection)
+                            selection=selection, max_anchor_fraction=max_anchor_fraction)
     except UserError as failure:
         error = failure
     views = shard.agree(None if prepared is None else prepared.view, error)
@@ -173,8 +182,9 @@ def rebuild(
         expected_dim=store.info.dim, shard=shard if split else None, **compute_options,
     )
     mutual = mutual_nearest(result.neighbours)
+    stable = None if prepared.previous is None else stable_nearest(result.neighbours, prepared.previous)
     anchor = select_anchors(result.entropy, round, parameters.rounds, parameters.mode,
-                            preferred_rows(parameters.selection, mutual))
+                            preferred_rows(parameters.selection, mutual, stable), parameters.max_anchor_fraction)
     attrs = {
         "round": round,
         "rounds": parameters.rounds,
@@ -183,6 +193,7 @@ def rebuild(
         "fraction": float(anchor.sum()) / n,
         "mode": parameters.mode,
         "selection": parameters.selection,
+        "max_anchor_fraction": parameters.max_anchor_fraction,
         # share of rows that are a mutual nearest neighbour (what the mutual rule takes first)
         "mutual_fraction": float(mutual.mean()),
         "source_features_round": round - 1,
@@ -191,6 +202,8 @@ def rebuild(
         "device": result.device,
         **{key: value for key, value in result.details.items() if value is not None},
     }
+    if stable is not None:  # share of rows whose nearest neighbour survived the round (the stable rule's first)
+        attrs["stable_fraction"] = float(stable.mean())
     if result.recall is not None:
         attrs["recall"] = result.recall
     labels = store.read_labels()
@@ -216,6 +229,7 @@ class _Prepared:
     parameters: _Parameters
     reader: object  # storage.FeatureReader of features/round-(round-1); None when published already
     view: dict  # what this worker is about to compute (compared across the workers of a shard)
+    previous: np.ndarray | None = None  # (N, k') neighbourhoods/round-(round-1), where published
 
 
 def _prepare(store: Store, round: int, backend: str, device: str, world_size: int, block_sizes,
@@ -226,7 +240,7 @@ def _prepare(store: Store, round: int, backend: str, device: str, world_size: in
     n = store.info.n
     view = {"n": n, "dim": store.info.dim, "dataset_id": store.info.dataset_id, "round": round,
             "rounds": checked.rounds, "k": checked.k, "tau": checked.tau, "mode": checked.mode,
-            "selection": checked.selection, "backend": backend,
+            "selection": checked.selection, "max_anchor_fraction": checked.max_anchor_fraction, "backend": backend,
             "block_rows": tile_rows(n, block_sizes or default_block_sizes(resolve_device(device)))}
     if round in store.published_rounds():
         return _Prepared(checked, None, {**view, "_published": True})
@@ -245,7 +259,23 @@ def _prepare(store: Store, round: int, backend: str, device: str, world_size: in
             f"features round {source_round} has shape ({reader.n}, {reader.dim}) but the store "
             f"is for ({n}, {store.info.dim}); the snapshot does not belong to this store"
         )
-    return _Prepared(checked, reader, {**view, "source_checksum": reader.checksum, "_published": False})
+    previous = _previous_neighbours(store, round, checked.selection)
+    return _Prepared(checked, reader, {**view, "source_checksum": reader.checksum, "_published": False}, previous)
+
+
+def _previous_neighbours(store: Store, round: int, selection: str) -> np.ndarray | None:
+    """(N, k') neighbours of the previous round where it is published (the stable rule's reference,
+    and the stable_fraction attr); None in round 1. The stable rule refuses to run without it."""
+    if round == 1:
+        return None
+    if round - 1 in store.published_rounds():
+        return np.asarray(store.read_neighbourhoods(round - 1).neighbours)
+    if selection == "stable":
+        raise FeaturesNotReadyError(
+            f"selection stable for round {round} compares with neighbourhoods round {round - 1}, which is not "
+            f"published in store {store.url}; rebuild round {round - 1} first, or choose another selection"
+        )
+    return None
 
 
 def published_result(store: Store, round: int, published: bool) -> RebuildResult:

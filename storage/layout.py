@@ -5,8 +5,8 @@ accepts (``s3://bucket/run``, ``memory://x``). Nothing outside ``storage/`` know
 
 ```
 <store>/zarr.json                        root group; attrs: schema_version, n, dim, dataset_id,
-                                         chunk_rows, curriculum {rounds, k, tau, mode[, selection]}
-                                         (or null)
+                                         chunk_rows, curriculum {rounds, k, tau, mode[, selection,
+                                         max_anchor_fraction]} (or null)
 <store>/labels                           optional (N,) int64 array, for reporting neighbourhood
                                          consistency only (never training); attrs: complete,
                                          digests (one per chunk), checksum
@@ -21,7 +21,8 @@ accepts (``s3://bucket/run``, ``memory://x``). Nothing outside ``storage/`` know
                                          written yet
 <store>/neighbourhoods/round-0003/       used by training round 3, computed from features round 2
                                          (group); attrs: round, k, tau, fraction, mode, selection,
-                                         mutual_fraction, source_features_round, backend, seconds,
+                                         max_anchor_fraction, mutual_fraction, stable_fraction (from
+                                         round 2), source_features_round, backend, seconds,
                                          consistency and pair_consistency (if known), anchors,
                                          complete, checksum, digest, digests
     neighbours                           (N, k) int64, chunks of chunk_rows rows

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from nbr_index import InvalidParameterError, mutual_nearest, rebuild, select_anchors
+from nbr_index import (FeaturesNotReadyError, InvalidParameterError, anchor_count, mutual_nearest, rebuild,
+                       select_anchors, stable_nearest)
 from nbr_index.reference import brute_force_knn_entropy
 from storage import Store
 from tests.helpers import one_line_error, unit_rows
@@ -24,6 +25,29 @@ def test_mutual_nearest_on_hand_built_neighbours():
     assert mutual_nearest(neighbours).tolist() == [True, True, True, False]
     with pytest.raises(InvalidParameterError, match=r"\(N, k\) array"):
         mutual_nearest(np.array([1, 0]))
+
+
+def test_stable_nearest_on_hand_built_neighbours():
+    now = np.array([[1, 2], [2, 0], [0, 1], [2, 0]])
+    # Row i is stable when its nearest neighbour now (first column) is among its previous k' ones.
+    previous = np.array([[3], [2], [1], [0]])
+    assert stable_nearest(now, previous).tolist() == [False, True, False, False]
+    previous = np.array([[2, 1, 3], [0, 3, 2], [3, 1, 0], [1, 0, 3]])
+    assert stable_nearest(now, previous).tolist() == [True, True, True, False]
+    with pytest.raises(InvalidParameterError, match=r"previous neighbours must be an \(4, k\) array"):
+        stable_nearest(now, previous[:3])
+
+
+def test_the_anchor_cap_bounds_every_round_and_is_checked():
+    assert [anchor_count(1500, r, 4, max_fraction=0.75) for r in (1, 2, 3, 4)] == [375, 750, 1125, 1125]
+    assert [anchor_count(100, r, 4, max_fraction=0.29) for r in (1, 2)] == [25, 29]
+    assert anchor_count(1500, 1, 4, "oneoff", max_fraction=0.5) == 750
+    assert anchor_count(1500, 4, 4, max_fraction=1.0) == 1500
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(InvalidParameterError, match=r"max anchor fraction must be in \(0, 1\]"):
+            anchor_count(1500, 1, 4, max_fraction=bad)
+    entropy = np.array([0.4, 0.1, 0.3, 0.2])
+    assert np.nonzero(select_anchors(entropy, 2, 2, max_fraction=0.5))[0].tolist() == [1, 3]
 
 
 def test_preferred_rows_fill_the_places_first_each_group_by_entropy():
@@ -50,12 +74,21 @@ def store(tmp_path):
     return store
 
 
-def expected_anchors(rule: str, count: int) -> np.ndarray:
-    """The anchors a rule picks, from float64 brute force, written out independently of nbr_index."""
-    neighbours, _, entropy = brute_force_knn_entropy(unit_rows(N, DIM), 2, 0.1)
-    mutual = np.array([i in neighbours[neighbours[i, 0]] for i in range(N)])
-    key = [(0 if (rule == "mutual" and mutual[i]) else 1, entropy[i], i) for i in range(N)]
+def expected_anchors(rule: str, count: int, features=None, previous=None) -> np.ndarray:
+    """The anchors a rule picks, from float64 brute force, written out independently of nbr_index.
+    previous: (N, k) the previous round's neighbours (the stable rule)."""
+    neighbours, _, entropy = brute_force_knn_entropy(unit_rows(N, DIM) if features is None else features, 2, 0.1)
+    first = {"mutual": [i in neighbours[neighbours[i, 0]] for i in range(N)],
+             "stable": [previous is not None and neighbours[i, 0] in previous[i] for i in range(N)],
+             "entropy": [False] * N}[rule]
+    key = [(0 if first[i] else 1, entropy[i], i) for i in range(N)]
     return np.array(sorted(i for *_, i in sorted(key)[:count]))
+
+
+def drifted(features: np.ndarray, amount: float, seed: int) -> np.ndarray:
+    """(N, d) unit rows: ``features`` moved by ``amount`` of fresh noise (the next round's bank)."""
+    moved = features + amount * unit_rows(*features.shape, seed=seed)
+    return (moved / np.linalg.norm(moved, axis=1, keepdims=True)).astype(np.float32)
 
 
 @pytest.mark.parametrize("rule", ["entropy", "mutual"])
@@ -70,6 +103,43 @@ def test_a_rebuild_selects_by_the_rule_and_records_it(store, rule):
     assert "selection=" + rule in result.summary()
 
 
+def test_the_stable_rule_prefers_neighbours_that_survived_the_round(store):
+    first_round = rebuild(store, 1, selection="stable")
+    # Round 1 has no previous round: the stable rule is the paper's there.
+    assert np.nonzero(first_round.anchor)[0].tolist() == expected_anchors("entropy", N // 3).tolist()
+    assert "stable_fraction" not in first_round.attrs
+    features = drifted(unit_rows(N, DIM), 0.3, seed=1)
+    store.write_features(1, features)
+    result = rebuild(store, 2, selection="stable")
+    previous = np.asarray(store.read_neighbourhoods(1).neighbours)
+    expected = expected_anchors("stable", 2 * N // 3, features, previous)
+    assert np.nonzero(result.anchor)[0].tolist() == expected.tolist()
+    now, _, _ = brute_force_knn_entropy(features, 2, 0.1)
+    stable = np.array([now[i, 0] in previous[i] for i in range(N)])
+    assert 0.05 < stable.mean() < 0.95, "the test data must have stable and unstable rows"
+    assert result.attrs["stable_fraction"] == pytest.approx(stable.mean())
+    assert len(set(expected) ^ set(expected_anchors("entropy", 2 * N // 3, features))) > 0
+
+
+def test_the_stable_rule_without_the_previous_round_is_one_line_and_publishes_nothing(store):
+    store.write_features(1, drifted(unit_rows(N, DIM), 0.3, seed=1))
+    with pytest.raises(FeaturesNotReadyError, match="compares with neighbourhoods round 1, which is not published"):
+        rebuild(store, 2, selection="stable")
+    assert store.published_rounds() == []
+    assert "stable_fraction" not in rebuild(store, 2).attrs  # the entropy rule needs no previous round
+
+
+def test_a_capped_rebuild_keeps_the_lowest_entropy_rows_and_records_the_cap(store):
+    for r in (1, 2):
+        store.write_features(r, unit_rows(N, DIM))
+    with pytest.raises(InvalidParameterError, match="max anchor fraction"):
+        rebuild(store, 3, max_anchor_fraction=1.5)
+    assert store.published_rounds() == []
+    result = rebuild(store, 3, max_anchor_fraction=0.5)
+    assert np.nonzero(result.anchor)[0].tolist() == expected_anchors("entropy", N // 2).tolist()
+    assert result.attrs["max_anchor_fraction"] == 0.5 and store.read_neighbourhoods(3).attrs["fraction"] == 0.5
+
+
 def test_the_rules_differ_and_the_store_curriculum_chooses_by_default(tmp_path):
     store = Store.create_or_open(str(tmp_path / "s"), n=N, dim=DIM, dataset_id="test",
                                  curriculum={"rounds": 3, "k": 2, "tau": 0.1, "mode": "progressive",
@@ -82,7 +152,7 @@ def test_the_rules_differ_and_the_store_curriculum_chooses_by_default(tmp_path):
 
 
 def test_an_unknown_rule_is_one_line_and_publishes_nothing(store):
-    with pytest.raises(InvalidParameterError, match="selection must be one of entropy, mutual, got 'margin'"):
+    with pytest.raises(InvalidParameterError, match="selection must be one of entropy, mutual, stable, got 'margin'"):
         rebuild(store, 1, selection="margin")
     assert store.published_rounds() == []
 
@@ -115,5 +185,57 @@ def test_a_trainer_run_with_the_mutual_rule_records_it_and_keeps_the_curriculum_
     # Every mutual row is an anchor before any other row is (750 places, fewer mutual rows).
     assert mutual.sum() < 750 and anchors[mutual].all()
     bad = CliRunner().invoke(main, ["run", "--run-dir", str(tmp_path / "bad"), "--selection", "margin"])
-    one_line_error(bad, "unknown selection 'margin': choose one of entropy, mutual")
+    one_line_error(bad, "unknown selection 'margin': choose one of entropy, mutual, stable")
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_capped_trainer_run_records_the_cap_and_never_passes_it(tmp_path):
+    from trainer.cli import main
+
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["run", "--run-dir", str(run), "--rounds", "2", "--epochs-per-round", "1",
+                                       "--eval-every", "0", "--selection", "stable", "--max-anchor-fraction", "0.5"])
+    assert result.exit_code == 0, result.output + result.stderr
+    store = Store.open(str(run / "store"))
+    assert store.info.curriculum["max_anchor_fraction"] == 0.5 and store.info.curriculum["selection"] == "stable"
+    summary = json.loads((run / "summary.json").read_text())
+    # 1,500 digits, R = 2: 750 anchors in round 1, and 750 (not 1,500) in round 2, the stable rule's.
+    assert [r["anchors"] for r in summary["rounds"]] == [0, 750, 750]
+    round_2 = store.read_neighbourhoods(2)
+    assert round_2.attrs["selection"] == "stable" and 0.0 < round_2.attrs["stable_fraction"] < 1.0
+    stable = stable_nearest(np.asarray(round_2.neighbours), np.asarray(store.read_neighbourhoods(1).neighbours))
+    anchors = np.asarray(round_2.anchor)
+    assert anchors[stable].all() if stable.sum() <= 750 else stable[anchors].all()
+    bad = CliRunner().invoke(main, ["run", "--run-dir", str(tmp_path / "bad"), "--max-anchor-fraction", "0"])
+    one_line_error(bad, "--max-anchor-fraction must be in (0, 1]")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_the_selection_replay_bench_measures_every_rule_on_one_runs_banks(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "selection_consistency.py"
+    spec = importlib.util.spec_from_file_location("selection_consistency", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    store = Store.create_or_open(str(tmp_path / "s"), n=N, dim=DIM, dataset_id="test", chunk_rows=128,
+                                 curriculum={"rounds": 3, "k": 2, "tau": 0.1, "mode": "progressive"})
+    banks = [unit_rows(N, DIM), drifted(unit_rows(N, DIM), 0.3, seed=1)]
+    for r, bank in enumerate(banks):
+        store.write_features(r, bank)
+    labels = (np.arange(N) % 5).astype(np.int64)
+    store.write_labels(labels)
+    rows = bench.replay(store)
+    assert [row["round"] for row in rows] == [1, 2] and [row["anchors"] for row in rows] == [N // 3, 2 * N // 3]
+    first, _, _ = brute_force_knn_entropy(banks[0], 2, 0.1)
+    second, _, _ = brute_force_knn_entropy(banks[1], 2, 0.1)
+    for row, bank, neighbours, previous in ((rows[0], banks[0], first, None), (rows[1], banks[1], second, first)):
+        for rule in ("entropy", "mutual", "stable"):
+            anchor = np.zeros(N, dtype=bool)
+            anchor[expected_anchors(rule, row["anchors"], bank, previous)] = True
+            all_agree = (labels[neighbours[anchor]] == labels[anchor][:, None]).all(axis=1)
+            assert row[rule] == pytest.approx(100 * all_agree.mean())
+        every = (labels[neighbours] == labels[:, None]).all(axis=1)
+        assert row["all rows"] == pytest.approx(100 * every.mean())
+    assert rows[0]["stable rows"] is None and rows[1]["stable rows"] > 0

@@ -43,8 +43,11 @@ FLAG_HELP = {
     "rounds": "curriculum rounds R after round 0 (R + 1 training rounds)",
     "k": "neighbours per anchor",
     "tau": "softmax temperature",
-    "selection": "which rows fill a round's anchor places: entropy (the paper: lowest entropy) or mutual "
-                 "(rows that are a mutual nearest neighbour first, each group by entropy; same count)",
+    "selection": "which rows fill a round's anchor places: entropy (the paper: lowest entropy), mutual "
+                 "(rows that are a mutual nearest neighbour first, each group by entropy; same count) or "
+                 "stable (rows whose nearest neighbour was also a neighbour in the previous round first)",
+    "max_anchor_fraction": "at most floor(N f) anchors in any round, f in (0, 1]; 1 = the paper (every "
+                           "sample an anchor in the last round)",
     "eta": "memory-bank update rate (Eq 8)",
     "epochs_per_round": "epochs per training round; default 200 (paper), 30 for digits, 2 for synthetic",
     "batch_size": "global batch (split over ranks)",

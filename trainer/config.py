@@ -50,7 +50,8 @@ class TrainConfig:
     rounds: int = 4                      # curriculum rounds R after round 0 (R + 1 training rounds)
     k: int = 1                           # neighbours per anchor
     tau: float = 0.1                     # softmax temperature (loss and entropy)
-    selection: str = "entropy"           # which rows fill the anchor places: entropy (paper) | mutual
+    selection: str = "entropy"           # which rows fill the anchor places: entropy (paper) | mutual | stable
+    max_anchor_fraction: float = 1.0     # at most floor(N f) anchors in any round; 1 = the paper
     eta: float = 0.5                     # memory-bank EMA rate (Eq 8)
     # optimisation (per round; the lr schedule restarts every round)
     epochs_per_round: int | None = None  # None: 200 (paper), 30 for digits, 2 for synthetic
@@ -173,6 +174,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.precision in ("fp32", "bf16"), f"unknown precision {cfg.precision!r}: choose fp32 or bf16")
     need(cfg.selection in SELECTIONS,
          f"unknown selection {cfg.selection!r}: choose one of {', '.join(SELECTIONS)}")
+    need(0.0 < cfg.max_anchor_fraction <= 1.0,
+         f"--max-anchor-fraction must be in (0, 1] (1: no cap, the paper), got {cfg.max_anchor_fraction}")
     need(cfg.index in INDEX_MODES, f"unknown index mode {cfg.index!r}: choose inline or service")
     need(cfg.rounds >= 1, f"--rounds must be at least 1 (curriculum rounds after round 0), got {cfg.rounds}")
     need(cfg.epochs_per_round is None or cfg.epochs_per_round >= 1,

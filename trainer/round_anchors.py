@@ -54,7 +54,7 @@ def anchors_for_round(r: int, cfg: TrainConfig, store, world: World, say: Callab
 
         start = time.perf_counter()
         result = rebuild(store, r, rounds=cfg.rounds, k=cfg.k, tau=cfg.tau, mode=cfg.anchor_mode,
-                         selection=cfg.selection,
+                         selection=cfg.selection, max_anchor_fraction=cfg.max_anchor_fraction,
                          backend=cfg.index_backend, device=str(world.device),
                          shard=ProcessGroupShard(world.rank, world.world_size))
         say(f"neighbourhoods/round-{r} rebuilt inline in {time.perf_counter() - start:.1f}s" if result.published

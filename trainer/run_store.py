@@ -25,6 +25,10 @@ def open_store(cfg: TrainConfig, data: ImageDataset, world: World):
         os.makedirs(cfg.run_dir, exist_ok=True)
         curriculum = {"rounds": cfg.rounds, "k": cfg.k, "tau": cfg.tau, "mode": cfg.anchor_mode,
                       "selection": cfg.selection}
+        if cfg.max_anchor_fraction != 1.0:
+            # Recorded only where it caps: absent means 1 (the paper), so the stores of runs made
+            # before the cap existed still match their resumed runs.
+            curriculum["max_anchor_fraction"] = cfg.max_anchor_fraction
         store = Store.create_or_open(cfg.store, n=len(data.train), dim=cfg.dim, dataset_id=data.dataset_id,
                                      curriculum=curriculum)
         if store.read_labels() is None:
