@@ -135,7 +135,12 @@ def test_two_ranks_train_the_same_network_as_one_process(tmp_path):
     to float rounding, which 24 steps amplify: W = 2 lies no farther from W = 1 than W = 1 at two
     threads instead of one does (measured without flip: 9.3% and 10.2% of how far training moved
     the worst weight; with --hflip 1.2% and 0%). With --no-sync-bn each rank normalises its own
-    half batch: a different network (measured, weights up to 59% of their movement away)."""
+    half batch: a different network (measured, weights up to 59% of their movement away).
+    Two threads are not a noise floor on every machine: where the BLAS sums a two-thread GEMM in
+    the one-thread order (seen on an AMD EPYC with 1 MiB L2 per core, 2026-12-02: 0.5%, while W = 2
+    lay 9.8% away and --no-sync-bn 100%), the rounding that W = 2's all-reduces add still moves
+    the weights. So W = 2 may also lie up to a fifth of the --no-sync-bn gap away: rounding stays
+    inside it on both machines measured, a W = 2 that trained another network does not."""
     from trainer.config import TrainConfig, resolve
     from trainer.loop import train
     from trainer.world import World
@@ -180,12 +185,14 @@ def test_two_ranks_train_the_same_network_as_one_process(tmp_path):
     same, local_bn = largest_relative_gap("w2"), largest_relative_gap("w2-local-bn")
     print(f"largest gap to W=1, relative to training's movement: W=1 two threads {rounding:.4f}, "
           f"W=2 {same:.4f}, W=2 --no-sync-bn {local_bn:.4f}")
-    assert same <= max(3e-2, 1.5 * rounding)
+    assert same <= max(3e-2, 1.5 * rounding, 0.2 * local_bn)
     assert local_bn >= max(0.1, 3 * same)
     def memory_gap(name: str) -> float:
         other = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
         return float((other["memory"] - one["memory"]).abs().max())
 
-    # the bank's unit rows, likewise (measured without flip: W = 2 5.0e-3, W = 1 at two threads 5.9e-3)
-    print(f"memory bank: W=1 two threads {memory_gap('w1-two-threads'):.2e}, W=2 {memory_gap('w2'):.2e}")
-    assert memory_gap("w2") <= max(1e-3, 1.5 * memory_gap("w1-two-threads"))
+    # the bank's unit rows, likewise (measured without flip: W = 2 5.0e-3, W = 1 at two threads 5.9e-3;
+    # on the machine where two threads sum in the one-thread order, 5.1e-3 and 3.0e-4)
+    print(f"memory bank: W=1 two threads {memory_gap('w1-two-threads'):.2e}, W=2 {memory_gap('w2'):.2e}, "
+          f"W=2 --no-sync-bn {memory_gap('w2-local-bn'):.2e}")
+    assert memory_gap("w2") <= max(1e-3, 1.5 * memory_gap("w1-two-threads"), 0.2 * memory_gap("w2-local-bn"))
