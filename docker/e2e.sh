@@ -207,12 +207,18 @@ expect_refusal() {
         || fail "$name: the trainer's last line is not 'error: $message...': see $WORK/$name-trainer.log"
     ! grep -q Traceback "$WORK/$name-trainer.log" || fail "$name: a traceback in $WORK/$name-trainer.log"
     # nbr-index waits for the trainer to be healthy, which it never is: compose reports the
-    # dependency as failed and exits non-zero, and nbr-index is never started.
-    [ "$status" != 0 ] || fail "$name: compose up exited 0: see $log"
-    case $(started_at "$name" nbr-index) in
-        "$nbr_started" | none | 0001-01-01T00:00:00Z) ;;
-        *) fail "$name: nbr-index was started" ;;
-    esac
+    # dependency as failed and exits non-zero, and nbr-index is never started. docker-compose 1.29
+    # cannot promise that: its health wait counts only running containers, so a trainer that has
+    # exited before compose's first poll reads as healthy, nbr-index starts (and finds nothing to
+    # do) and `up` may return 0 (seen once in 2026-12-02's CI). There the refusal is what the
+    # trainer did (above), and the callers' check that the store did not change.
+    if [ "$COMPOSE_V2" = 1 ]; then
+        [ "$status" != 0 ] || fail "$name: compose up exited 0: see $log"
+        case $(started_at "$name" nbr-index) in
+            "$nbr_started" | none | 0001-01-01T00:00:00Z) ;;
+            *) fail "$name: nbr-index was started" ;;
+        esac
+    fi
     # Compose v2 streams the trainer's output as it runs; docker-compose 1.29 attaches to the
     # services only once all are started, so there the error is in `docker-compose logs trainer`.
     if [ "$COMPOSE_V2" = 1 ]; then grep -qF "error: $message" "$log" || fail "$name: the error is not in $log"; fi
