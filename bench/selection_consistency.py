@@ -49,11 +49,12 @@ def replay(store: Store, seed: int = 0) -> list[dict]:
         neighbours = np.asarray(result.neighbours)
         mutual = mutual_nearest(neighbours)
         stable = None if previous is None else stable_nearest(neighbours, previous)
-        count = anchor_count(store.info.n, r, curriculum["rounds"], curriculum["mode"])
+        cap = curriculum["max_anchor_fraction"]
+        count = anchor_count(store.info.n, r, curriculum["rounds"], curriculum["mode"], cap)
         row = {"round": r, "anchors": count}
         for rule in SELECTIONS:
             anchor = select_anchors(result.entropy, r, curriculum["rounds"], curriculum["mode"],
-                                    preferred_rows(rule, mutual, stable))
+                                    preferred_rows(rule, mutual, stable), cap)
             row[rule] = neighbourhood_consistency(neighbours, anchor, labels)
         drawn = np.zeros(store.info.n, dtype=bool)
         drawn[np.random.default_rng(seed + r).choice(store.info.n, count, replace=False)] = True
