@@ -122,6 +122,28 @@ def test_reference_knn_vote_equals_the_projects():
     assert theirs == pytest.approx(100.0 * float((ours == test_labels).float().mean()), abs=1e-9)
 
 
+def test_reference_embed_gives_every_row_in_order_in_eval_mode_and_restores_training():
+    # The recomputed-feature kNN of a trained model embeds the train set with the net in eval
+    # mode (batch norm on its running statistics), then puts the net back into training mode.
+    net = ref.SmallCNN(dim=16, width=4)
+    with torch.no_grad():   # running statistics away from the init, so train and eval mode differ
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    images = torch.randn(10, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    loader = [(images[:4], None, None), (images[4:], None, None)]
+    features = ref.embed(net, loader)
+    assert net.training
+    net.eval()
+    with torch.no_grad():
+        expected = net(images)
+        train_mode = net.train()(images)
+    assert features.shape == (10, 16)
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(features, train_mode, atol=1e-3)
+
+
 def test_reference_schedule_is_the_projects_default_schedule():
     cfg = TrainConfig()
     for epochs in (10, 30, 200):

@@ -148,6 +148,7 @@ def test_an_image_folder_without_a_test_split_trains_and_skips_knn_with_a_note(t
     assert "round 1 done: no test split" in result.output
     summary = json.loads((run / "summary.json").read_text())
     assert [r["knn_top1"] for r in summary["rounds"]] == [None, None] and summary["final_knn_top1"] is None
+    assert summary["final_knn_top1_recomputed"] is None
     assert [r["anchors"] for r in summary["rounds"]] == [0, 32] and summary["dataset"]["n_test"] == 0
     assert (run / "knn_per_round.png").exists()
 
@@ -213,6 +214,7 @@ def test_short_digits_run_writes_a_well_formed_summary(tmp_path, method, anchors
     # 10 classes: chance is 10%. Measured (seed 0, one thread): 53.2 (and), 44.1 (instance),
     # 52.2 (and-oneoff); 30 leaves a wide margin for other machines' rounding, far above chance.
     assert summary["final_knn_top1"] == summary["rounds"][-1]["knn_top1"] > 30.0
+    assert isinstance(summary["final_knn_top1_recomputed"], float) and summary["final_knn_top1_recomputed"] > 30.0
     # Every epoch is evaluated (the released recipe), and the best one is labelled as such.
     assert [e["knn_top1"] for e in summary["epochs"]] == [r["knn_top1"] for r in summary["rounds"]]
     best = max(summary["rounds"], key=lambda r: (r["knn_top1"], r["round"]))
@@ -240,6 +242,9 @@ def test_short_digits_run_writes_a_well_formed_summary(tmp_path, method, anchors
                                "round", "epoch", "features"}
         # The linear probe on the backbone reached 84.5% test top-1 (measured); chance is 10%.
         assert result["knn_top1_memory"] == summary["final_knn_top1"] and result["test_top1"] > 50.0
+        # The run's own final evaluation against recomputed train features (the released code's
+        # evaluation of a trained model) is the probe's, which embeds the checkpoint anew.
+        assert result["knn_top1_recomputed"] == summary["final_knn_top1_recomputed"]
 
 
 def test_a_one_process_run_checks_its_config_and_decodes_its_data_once(tmp_path, monkeypatch):

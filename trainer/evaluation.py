@@ -13,16 +13,16 @@ from trainer.world import World
 
 
 def evaluate_knn(model: torch.nn.Module, memory: torch.Tensor, data: ImageDataset, cfg: TrainConfig,
-                 world: World) -> float:
-    """Weighted kNN top-1 (percent) of the test set against the memory bank (N, d) (or, with
-    eval_recompute, against train features recomputed without augmentation). Changes neither
-    the model (eval mode + no_grad, train mode restored) nor the bank. Each rank classifies its
-    slice of the test set; the counts are summed over ranks."""
+                 world: World, recompute: bool | None = None) -> float:
+    """Weighted kNN top-1 (percent) of the test set against the memory bank (N, d) or, with
+    ``recompute`` (None: cfg.eval_recompute), against train features recomputed without
+    augmentation. Changes neither the model (eval mode + no_grad, train mode restored) nor the
+    bank. Each rank classifies its slice of the test set; the counts are summed over ranks."""
     model = unwrap(model)
     device = world.device
     batch = max(256, cfg.batch_size)
     bank, bank_labels = memory, data.train.labels.to(device)
-    if cfg.eval_recompute:
+    if cfg.eval_recompute if recompute is None else recompute:
         bank = _embed_split_all_ranks(model, data, "train", batch, world)
     start, stop = _rank_slice(len(data.test), world)
     feats, labels = embed(model, data.eval_batches("test", batch, start, stop), device)

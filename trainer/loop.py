@@ -109,6 +109,7 @@ def train(cfg: TrainConfig, world: World, resume: bool = False, log: Callable[[s
 
     summary = {"config": cfg.to_dict(), "rounds": state.rounds,
                "final_knn_top1": state.rounds[-1]["knn_top1"] if state.rounds else None,
+               "final_knn_top1_recomputed": final_knn_recomputed(run, state),
                "best_epoch": report.best_epoch(state.history), "epochs": state.history}
     if world.is_main:
         write_report(run, state, store, summary, time.perf_counter() - run_start)
@@ -257,6 +258,18 @@ def finish_round(run: Run, state: RunState, store, anchors: RoundAnchors) -> Non
             + f"  ({row['seconds']:.1f}s)")
 
 
+def final_knn_recomputed(run: Run, state: RunState) -> float | None:
+    """The trained model's kNN top-1 against train features recomputed without augmentation
+    instead of the bank: how the released code evaluates a trained model (lemniscate's cifar.py
+    after its last epoch, AND's --test-only). One inference pass over the training set."""
+    if not run.data.has_test:
+        return None
+    knn = evaluate_knn(state.model, state.memory, run.data, run.cfg, run.world, recompute=True)
+    run.say(f"final kNN top-1 against recomputed train features: {knn:.2f}% (the memory bank's: "
+            f"{state.rounds[-1]['knn_top1']:.2f}%)")
+    return knn
+
+
 def save_checkpoint_on_main(run: Run, state: RunState) -> None:
     if run.world.is_main:
         state.save(run.cfg, run.world.world_size, run.data)
@@ -272,6 +285,7 @@ def write_report(run: Run, state: RunState, store, summary: dict, seconds: float
              "world_size": world.world_size,
              "mean_images_per_s": round(float(np.mean([h["images_per_s"] for h in trained])), 1) if trained else None,
              "seconds_this_process": round(seconds, 1),
+             "final_knn_top1_recomputed": summary["final_knn_top1_recomputed"],
              "best_epoch": summary["best_epoch"], "epochs": state.history}
     path = report.write_summary(cfg.run_dir, cfg.to_dict(), state.rounds, extra)
     report.save_plots(cfg.run_dir, state.rounds, published_entropies(store, cfg))

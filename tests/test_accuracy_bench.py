@@ -1,0 +1,48 @@
+"""bench/accuracy.py's summary: mean and sample std over seeds, a dash where no run has a value."""
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("accuracy_bench", ROOT / "bench" / "accuracy.py")
+accuracy = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = accuracy   # dataclasses look their module up there
+spec.loader.exec_module(accuracy)
+
+
+def _result(final, recomputed, seconds=10.0):
+    rounds = [{"round": r, "knn_top1": final - 4 + r, "anchors": 0, "consistency": None} for r in range(5)]
+    return {"rounds": rounds, "final_knn_top1": final, "best_epoch_knn_top1": final + 0.5,
+            "linear_probe_top1": None, "seconds": seconds, "images_per_s": 100.0,
+            **({} if recomputed is None else {"recomputed_knn_top1": recomputed})}
+
+
+def test_summary_takes_the_recomputed_knn_over_seeds_and_marks_runs_without_it():
+    protocol = accuracy.PROTOCOLS["cifar10-10k"]
+    runs = []
+    for seed, (final, recomputed) in enumerate([(47.0, 48.5), (47.4, 49.1), (47.2, 48.8)]):
+        runs.append(accuracy.Run("project", "instance", seed, f"/nowhere/{seed}", result=_result(final, recomputed)))
+    # A result written before the column existed has no recomputed value at all.
+    runs.append(accuracy.Run("reference", "instance", 0, "/nowhere/r0", result=_result(46.0, None)))
+    for seed, recomputed in enumerate([49.0, None, 49.4]):
+        runs.append(accuracy.Run("project", "and", seed, f"/nowhere/a{seed}", result=_result(47.0, recomputed)))
+    text, table = accuracy.summarise(runs, protocol, [0, 1, 2])
+
+    mean, std = table["project/instance"]["recomputed_knn_top1"]
+    assert mean == pytest.approx(48.8)
+    assert std == pytest.approx(statistics.stdev([48.5, 49.1, 48.8]))
+    project_row = next(line for line in text.splitlines() if line.startswith("| project | instance |"))
+    assert "| 48.80 ± 0.30 |" in project_row
+    reference_row = next(line for line in text.splitlines() if line.startswith("| reference | instance |"))
+    cells = [c.strip() for c in reference_row.strip("|").split("|")]
+    header = next(line for line in text.splitlines() if line.startswith("| implementation |"))
+    column = [c.strip() for c in header.strip("|").split("|")].index("final kNN, recomputed train features")
+    assert cells[column] == "-"
+    and_row = next(line for line in text.splitlines() if line.startswith("| project | and |"))
+    assert [c.strip() for c in and_row.strip("|").split("|")][column] == "49.20 ± 0.28 (2 of 3)"
+    assert table["reference/instance"]["recomputed_knn_top1"][0] != table["reference/instance"]["recomputed_knn_top1"][0]
