@@ -104,10 +104,13 @@ def test_evaluate_knn_is_the_weighted_knn_of_unaugmented_test_features():
         train = model(data.eval_batches("train", 1000).__next__()[0])
     pred = knn_predict(test, memory, data.train.labels, 10, k=20, sigma=0.1)
     assert acc == round(100.0 * (pred == data.test.labels).float().mean().item(), 2)
-    cfg.eval_recompute = True
     pred = knn_predict(test, train, data.train.labels, 10, k=20, sigma=0.1)
-    assert evaluate_knn(model, memory, data, cfg, World.single("cpu")) == round(
-        100.0 * (pred == data.test.labels).float().mean().item(), 2)
+    recomputed = round(100.0 * (pred == data.test.labels).float().mean().item(), 2)
+    # recompute=True (the end of a run) overrides the config; recompute=False keeps the bank.
+    assert evaluate_knn(model, memory, data, cfg, World.single("cpu"), recompute=True) == recomputed
+    cfg.eval_recompute = True
+    assert evaluate_knn(model, memory, data, cfg, World.single("cpu")) == recomputed
+    assert evaluate_knn(model, memory, data, cfg, World.single("cpu"), recompute=False) == acc
 
 
 def test_embed_restores_train_mode_and_keeps_order():

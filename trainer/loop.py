@@ -264,6 +264,8 @@ def final_knn_recomputed(run: Run, state: RunState) -> float | None:
     after its last epoch, AND's --test-only). One inference pass over the training set."""
     if not run.data.has_test:
         return None
+    if run.cfg.eval_recompute:   # the last round was already scored this way: no second pass
+        return state.rounds[-1]["knn_top1"]
     knn = evaluate_knn(state.model, state.memory, run.data, run.cfg, run.world, recompute=True)
     run.say(f"final kNN top-1 against recomputed train features: {knn:.2f}% (the memory bank's: "
             f"{state.rounds[-1]['knn_top1']:.2f}%)")
