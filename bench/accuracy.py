@@ -50,11 +50,13 @@ TARBALLS = (os.path.join(os.path.dirname(ROOT), "shared", "data", "cifar10-jpg.t
 IMPLEMENTATIONS = ("project", "reference")
 # The trainer flags of each method. and-mutual and and-stable are AND with another anchor selection
 # (nbr_index.selection), and-cap75 AND with at most 75% anchors in any round (the last round's
-# count is round 3's): rules beyond the paper that the minimal reference does not have.
+# count is round 3's), and-backbone AND with neighbourhoods found in the backbone's features of the
+# un-augmented images (--neighbour-features): rules beyond the paper the minimal reference lacks.
 METHOD_FLAGS = {"and": ["--method", "and"], "instance": ["--method", "instance"],
                 "and-oneoff": ["--method", "and-oneoff"], "and-mutual": ["--method", "and", "--selection", "mutual"],
                 "and-stable": ["--method", "and", "--selection", "stable"],
-                "and-cap75": ["--method", "and", "--max-anchor-fraction", "0.75"]}
+                "and-cap75": ["--method", "and", "--max-anchor-fraction", "0.75"],
+                "and-backbone": ["--method", "and", "--neighbour-features", "backbone"]}
 METHODS = tuple(METHOD_FLAGS)
 REFERENCE_METHODS = ("and", "instance", "and-oneoff")
 

@@ -26,8 +26,11 @@ from .selection import check_selection, mutual_nearest, preferred_rows, stable_n
 from .shard import ProcessGroupShard
 
 # Used when the store records no curriculum (the trainer normally writes one).
+# neighbour_features: what the trainer publishes as features/round-r, the memory bank (the paper) or
+# its backbone's features of the un-augmented images; only the trainer can make them, so the index
+# records it and takes no flag for it.
 DEFAULT_CURRICULUM = {"rounds": 4, "k": 1, "tau": 0.1, "mode": "progressive", "selection": "entropy",
-                      "max_anchor_fraction": 1.0}
+                      "max_anchor_fraction": 1.0, "neighbour_features": "bank"}
 
 
 @dataclass
@@ -61,6 +64,7 @@ class RebuildResult:
             f"mode={a.get('mode')}",
             f"selection={a.get('selection', 'entropy')}",
             f"max_anchor_fraction={a.get('max_anchor_fraction', 1.0)}",
+            f"neighbour_features={a.get('neighbour_features', 'bank')}",
             f"from features round {a.get('source_features_round')}",
             f"{a.get('seconds', float('nan')):.2f} s",
             f"backend {a.get('backend')} on {a.get('device', '?')}",
@@ -77,8 +81,8 @@ class RebuildResult:
 
 
 def store_curriculum(store: Store) -> dict:
-    """{"rounds", "k", "tau", "mode", "selection", "max_anchor_fraction"}: what the trainer recorded in
-    the store, defaults for the rest."""
+    """{"rounds", "k", "tau", "mode", "selection", "max_anchor_fraction", "neighbour_features"}: what
+    the trainer recorded in the store, defaults for the rest."""
     return {**DEFAULT_CURRICULUM, **(store.info.curriculum or {})}
 
 
@@ -90,6 +94,7 @@ class _Parameters:
     mode: str
     selection: str
     max_anchor_fraction: float
+    neighbour_features: str
 
 
 def check_rebuild_arguments(store: Store, round: int, *, rounds: int | None = None, k: int | None = None,
@@ -120,7 +125,8 @@ def check_rebuild_arguments(store: Store, round: int, *, rounds: int | None = No
         if resolved != "torch":
             raise InvalidParameterError(f"--world-size {world_size} needs backend torch (or auto), got {backend}")
         check_shard_count(n, tile_rows(n, block_sizes or default_block_sizes(torch_device)), world_size)
-    return _Parameters(int(rounds), int(k), tau, mode, selection, float(max_anchor_fraction))
+    return _Parameters(int(rounds), int(k), tau, mode, selection, float(max_anchor_fraction),
+                       str(curriculum["neighbour_features"]))
 
 
 def rebuild(
@@ -194,6 +200,7 @@ def rebuild(
         "mode": parameters.mode,
         "selection": parameters.selection,
         "max_anchor_fraction": parameters.max_anchor_fraction,
+        "neighbour_features": parameters.neighbour_features,
         # share of rows that are a mutual nearest neighbour (what the mutual rule takes first)
         "mutual_fraction": float(mutual.mean()),
         "source_features_round": round - 1,

@@ -6,12 +6,15 @@ accepts (``s3://bucket/run``, ``memory://x``). Nothing outside ``storage/`` know
 ```
 <store>/zarr.json                        root group; attrs: schema_version, n, dim, dataset_id,
                                          chunk_rows, curriculum {rounds, k, tau, mode[, selection,
-                                         max_anchor_fraction]} (or null)
+                                         max_anchor_fraction, neighbour_features]} (or null)
 <store>/labels                           optional (N,) int64 array, for reporting neighbourhood
                                          consistency only (never training); attrs: complete,
                                          digests (one per chunk), checksum
-<store>/features/round-0002/             memory bank after training round 2 (group); attrs: round,
-                                         n, dim, chunk_rows, complete, checksum, digest, digests
+<store>/features/round-0002/             memory bank after training round 2 (group; with curriculum
+                                         neighbour_features "backbone": the network's normalised
+                                         backbone features of the un-augmented images, dim = F);
+                                         attrs: round, n, dim, chunk_rows, complete, checksum,
+                                         digest, digests
     rows                                 (N, d) float32, chunks of chunk_rows rows (default 8192),
                                          zstd; chunk c holds rows [c*chunk_rows, (c+1)*chunk_rows)
     digests                              (n_chunks, 32) uint8, uncompressed, one zarr chunk per
@@ -21,8 +24,9 @@ accepts (``s3://bucket/run``, ``memory://x``). Nothing outside ``storage/`` know
                                          written yet
 <store>/neighbourhoods/round-0003/       used by training round 3, computed from features round 2
                                          (group); attrs: round, k, tau, fraction, mode, selection,
-                                         max_anchor_fraction, mutual_fraction, stable_fraction (from
-                                         round 2), source_features_round, backend, seconds,
+                                         max_anchor_fraction, neighbour_features, mutual_fraction,
+                                         stable_fraction (from round 2), source_features_round,
+                                         backend, seconds,
                                          consistency and pair_consistency (if known), anchors,
                                          complete, checksum, digest, digests
     neighbours                           (N, k) int64, chunks of chunk_rows rows

@@ -37,7 +37,7 @@ class StoreInfo:
     dataset_id: str
     chunk_rows: int      # rows per chunk
     schema_version: int
-    curriculum: dict | None   # {"rounds", "k", "tau", "mode"[, "selection", "max_anchor_fraction"]} by the trainer, or None
+    curriculum: dict | None   # {"rounds", "k", "tau", "mode"[, "selection", "max_anchor_fraction", "neighbour_features"]} by the trainer, or None
 
     def to_attrs(self) -> dict:
         return {"schema_version": self.schema_version, "n": self.n, "dim": self.dim,

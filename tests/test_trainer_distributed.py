@@ -23,9 +23,9 @@ def _worker(rank: int, world_size: int, port: int, cfg_dict: dict, out: str) -> 
 
     snapshot = loop.write_feature_snapshot
 
-    def recording_snapshot(store, r, memory, world):   # keep every rank's bank at each round end
-        torch.save(memory.clone(), os.path.join(out, f"bank-rank{rank}-round{r}.pt"))
-        snapshot(store, r, memory, world)
+    def recording_snapshot(store, r, rows, world):   # keep every rank's snapshot rows at each round end
+        torch.save(rows.clone(), os.path.join(out, f"bank-rank{rank}-round{r}.pt"))
+        snapshot(store, r, rows, world)
 
     loop.write_feature_snapshot = recording_snapshot
     world = World(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu"))
@@ -59,6 +59,29 @@ def test_two_ranks_keep_identical_memory_banks_and_share_the_store(tmp_path):
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and torch.equal(ckpt["memory"], final)
     assert not any(k.startswith("module.") for k in ckpt["model"])
+
+
+@pytest.mark.slow
+def test_two_ranks_publish_the_backbones_features_of_the_whole_training_set(tmp_path):
+    """--neighbour-features backbone at W = 2: each rank embeds half the rows, the all-gather
+    gives both the same (N, F) snapshot, and it is the final network's on the plain images."""
+    from storage import Store
+    from trainer.config import TrainConfig, resolve
+    from trainer.data import load_dataset
+    from trainer.embedding import embed, load_model
+
+    cfg = resolve(TrainConfig(rounds=1, epochs_per_round=1, dim=32, neighbour_features="backbone",
+                              run_dir=str(tmp_path / "run"), seed=5))
+    mp.spawn(_worker, args=(2, free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2, join=True)
+
+    for r in range(2):
+        a = torch.load(tmp_path / f"bank-rank0-round{r}.pt")
+        assert a.shape == (1500, 128) and torch.equal(a, torch.load(tmp_path / f"bank-rank1-round{r}.pt"))
+    store = Store.open(cfg.store)
+    assert store.info.dim == 128 and store.read_neighbourhoods(1).attrs["neighbour_features"] == "backbone"
+    expected = torch.nn.functional.normalize(
+        embed(load_model(cfg.run_dir), load_dataset("digits").train.images, head=False), dim=1)
+    torch.testing.assert_close(torch.from_numpy(store.feature_reader(1).read_all()), expected, atol=2e-5, rtol=0)
 
 
 # ---------------------------------------------------------------- batch norm over the global batch

@@ -48,6 +48,9 @@ FLAG_HELP = {
                  "stable (rows whose nearest neighbour was also a neighbour in the previous round first)",
     "max_anchor_fraction": "at most floor(N f) anchors in any round, f in (0, 1]; 1 = the paper (every "
                            "sample an anchor in the last round)",
+    "neighbour_features": "what the index finds neighbours and entropies in: bank (the paper: the memory bank) "
+                          "or backbone (the backbone's L2-normalised features of the un-augmented training "
+                          "images, recomputed at every round's end; the store then holds F columns, not dim)",
     "eta": "memory-bank update rate (Eq 8)",
     "epochs_per_round": "epochs per training round; default 200 (paper), 30 for digits, 2 for synthetic",
     "batch_size": "global batch (split over ranks)",

@@ -18,6 +18,9 @@ DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "svhn", "imagefolder")
 ARCHS = ("smallcnn", "resnet18", "resnet50", "alexnet")
 METHODS = ("and", "instance", "and-oneoff")
 INDEX_MODES = ("inline", "service")
+# What features/round-r holds for the index: the memory bank (the paper), or the backbone's
+# features of the un-augmented training images (trainer.run_store.snapshot_rows).
+NEIGHBOUR_FEATURES = ("bank", "backbone")
 
 # Epochs per training round when --epochs-per-round is not given: the paper's 200 for the
 # benchmark datasets; digits (1,500 images) and synthetic are sized so that the default
@@ -52,6 +55,7 @@ class TrainConfig:
     tau: float = 0.1                     # softmax temperature (loss and entropy)
     selection: str = "entropy"           # which rows fill the anchor places: entropy (paper) | mutual | stable
     max_anchor_fraction: float = 1.0     # at most floor(N f) anchors in any round; 1 = the paper
+    neighbour_features: str = "bank"     # what the index finds neighbours in: bank (the paper) | backbone
     eta: float = 0.5                     # memory-bank EMA rate (Eq 8)
     # optimisation (per round; the lr schedule restarts every round)
     epochs_per_round: int | None = None  # None: 200 (paper), 30 for digits, 2 for synthetic
@@ -176,6 +180,8 @@ def validate(cfg: TrainConfig) -> None:
          f"unknown selection {cfg.selection!r}: choose one of {', '.join(SELECTIONS)}")
     need(0.0 < cfg.max_anchor_fraction <= 1.0,
          f"--max-anchor-fraction must be in (0, 1] (1: no cap, the paper), got {cfg.max_anchor_fraction}")
+    need(cfg.neighbour_features in NEIGHBOUR_FEATURES,
+         f"unknown neighbour features {cfg.neighbour_features!r}: choose one of {', '.join(NEIGHBOUR_FEATURES)}")
     need(cfg.index in INDEX_MODES, f"unknown index mode {cfg.index!r}: choose inline or service")
     need(cfg.rounds >= 1, f"--rounds must be at least 1 (curriculum rounds after round 0), got {cfg.rounds}")
     need(cfg.epochs_per_round is None or cfg.epochs_per_round >= 1,

@@ -23,7 +23,7 @@ def evaluate_knn(model: torch.nn.Module, memory: torch.Tensor, data: ImageDatase
     batch = max(256, cfg.batch_size)
     bank, bank_labels = memory, data.train.labels.to(device)
     if cfg.eval_recompute if recompute is None else recompute:
-        bank = _embed_split_all_ranks(model, data, "train", batch, world)
+        bank = embed_split(model, data, "train", batch, world)
     start, stop = _rank_slice(len(data.test), world)
     feats, labels = embed(model, data.eval_batches("test", batch, start, stop), device)
     if feats.shape[0]:
@@ -40,12 +40,15 @@ def _rank_slice(n: int, world: World) -> tuple[int, int]:
     return min(n, world.rank * per), min(n, (world.rank + 1) * per)
 
 
-def _embed_split_all_ranks(model, data: ImageDataset, split: str, batch: int, world: World) -> torch.Tensor:
-    """(N, dim) features of a whole split: each rank embeds its slice, then all-gather."""
+def embed_split(model, data: ImageDataset, split: str, batch: int, world: World, head: bool = True) -> torch.Tensor:
+    """(N, dim) head features (head=False: (N, F) backbone features) of a whole split without
+    augmentation: each rank embeds its slice, then all-gather. Every rank calls this."""
+    model = unwrap(model)
     n = len(data.split(split))
     start, stop = _rank_slice(n, world)
-    feats, _ = embed(model, data.eval_batches(split, batch, start, stop), world.device)
+    feats, _ = embed(model, data.eval_batches(split, batch, start, stop), world.device, head)
     per = math.ceil(n / world.world_size)
-    padded = torch.zeros(per, feats.shape[1] if feats.numel() else model.head.out_features, device=world.device)
+    width = model.head.out_features if head else model.feature_dim
+    padded = torch.zeros(per, width, device=world.device)
     padded[: feats.shape[0]] = feats
     return world.all_gather_cat(padded)[:n]

@@ -39,7 +39,7 @@ from trainer.preflight import preflight
 from trainer.progress import Progress
 from trainer.round_anchors import RoundAnchors, anchors_for_round
 from trainer.run_state import RunState
-from trainer.run_store import open_store, published_entropies, write_feature_snapshot
+from trainer.run_store import open_store, published_entropies, snapshot_rows, write_feature_snapshot
 from trainer.schedule import lr_at, make_optimizer, set_lr
 from trainer.seeding import generator, set_determinism
 from trainer.sharding import epoch_batches
@@ -145,7 +145,8 @@ def describe(run: Run) -> str:
     cfg, data, world = run.cfg, run.data, run.world
     return (f"{cfg.method} on {cfg.dataset} (N={len(data.train)}, test {len(data.test)}, {data.image_size}px) "
             f"with {cfg.arch}, rounds 0..{cfg.rounds} x {cfg.epochs_per_round} epochs, batch {cfg.batch_size} "
-            f"over {world.world_size} rank(s), device {world.device}, store {cfg.store}")
+            f"over {world.world_size} rank(s), device {world.device}, store {cfg.store}"
+            + (f", neighbourhoods from {cfg.neighbour_features} features" if cfg.neighbour_features != "bank" else ""))
 
 
 def train_and_evaluate_epoch(run: Run, ddp_model: torch.nn.Module, state: RunState, anchors: RoundAnchors) -> dict:
@@ -241,10 +242,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, memory:
 
 
 def finish_round(run: Run, state: RunState, store, anchors: RoundAnchors) -> None:
-    """End of round ``state.round``: publish the memory bank as features/round-r (the next rebuild
-    reads it), evaluate, and record the round's row."""
+    """End of round ``state.round``: publish features/round-r (the memory bank, or the backbone's
+    features: ``snapshot_rows``; the next rebuild reads it), evaluate, and record the round's row."""
     cfg, world, data, r = run.cfg, run.world, run.data, state.round
-    write_feature_snapshot(store, r, state.memory, world)
+    write_feature_snapshot(store, r, snapshot_rows(cfg, state.model, state.memory, data, world), world)
     knn = evaluate_knn(state.model, state.memory, data, cfg, world) if data.has_test else None
     if knn is not None and state.history and state.history[-1]["round"] == r:   # the round's last epoch row too
         state.history[-1]["knn_top1"] = knn

@@ -121,6 +121,13 @@ def build_model(arch: str, image_size: int, dim: int = 128) -> EmbeddingModel:
     return EmbeddingModel(backbone, feature_dim, dim)
 
 
+def backbone_dim(arch: str, image_size: int) -> int:
+    """F, the width of ``arch``'s backbone features for ``image_size`` inputs, without allocating
+    or initialising weights (the model is built on the meta device)."""
+    with torch.device("meta"):
+        return build_model(arch, image_size).feature_dim
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside torch.compile and DistributedDataParallel wrappers (the model itself
     otherwise), so checkpoints never carry ``_orig_mod.`` or DDP's ``module.`` prefixes."""

@@ -33,7 +33,7 @@ def preflight(cfg: TrainConfig, world_size: int, resume: bool, local_workers: in
     if world_size > len(data.train):
         raise TrainerError(f"--world-size {world_size} is larger than the training set (N = {len(data.train)})")
     validate_for_data(cfg, len(data.train), world_size)
-    check_existing_store(cfg, len(data.train), data.dataset_id, fresh=not resume)
+    check_existing_store(cfg, len(data.train), data.dataset_id, data.image_size, fresh=not resume)
     return data
 
 
@@ -46,16 +46,17 @@ def check_run_dir(cfg: TrainConfig, resume: bool) -> None:
         raise TrainerError(f"{cfg.run_dir} already holds a run: pass --resume to continue it, or another --run-dir")
 
 
-def check_existing_store(cfg: TrainConfig, n: int, dataset_id: str, fresh: bool) -> None:
+def check_existing_store(cfg: TrainConfig, n: int, dataset_id: str, image_size: int, fresh: bool) -> None:
     """A store already at cfg.store must match this run's N, dim and dataset, and a fresh run
     must not find rounds of another run in it. No store yet is fine: rank 0 creates it."""
     from storage import Store, StoreError
+    from trainer.run_store import snapshot_dim
 
     try:
         existing = Store.open(cfg.store)
     except StoreError:
         return
-    existing.check_matches(n, cfg.dim, dataset_id)
+    existing.check_matches(n, snapshot_dim(cfg, image_size), dataset_id)
     if fresh and (existing.complete_feature_rounds() or existing.published_rounds()):
         raise TrainerError(f"store {cfg.store} already holds rounds of another run: pass --resume, "
                            f"or a fresh --store")
