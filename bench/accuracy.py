@@ -52,11 +52,14 @@ IMPLEMENTATIONS = ("project", "reference")
 # (nbr_index.selection), and-cap75 AND with at most 75% anchors in any round (the last round's
 # count is round 3's), and-backbone AND with neighbourhoods found in the backbone's features of the
 # un-augmented images (--neighbour-features): rules beyond the paper the minimal reference lacks.
+# and-oracle is no rule: the entropy anchors with their own class's nearest rows as neighbours
+# (labels), the kNN that right neighbourhoods would give at the budget, the ceiling of every rule.
 METHOD_FLAGS = {"and": ["--method", "and"], "instance": ["--method", "instance"],
                 "and-oneoff": ["--method", "and-oneoff"], "and-mutual": ["--method", "and", "--selection", "mutual"],
                 "and-stable": ["--method", "and", "--selection", "stable"],
                 "and-cap75": ["--method", "and", "--max-anchor-fraction", "0.75"],
-                "and-backbone": ["--method", "and", "--neighbour-features", "backbone"]}
+                "and-backbone": ["--method", "and", "--neighbour-features", "backbone"],
+                "and-oracle": ["--method", "and", "--selection", "oracle"]}
 METHODS = tuple(METHOD_FLAGS)
 REFERENCE_METHODS = ("and", "instance", "and-oneoff")
 
@@ -91,6 +94,7 @@ def ensure_data(protocol: Protocol, data_dir: str, log) -> str | None:
     with train/ and test/, unpacked from the shared CIFAR-10 JPEG tarball once into ``data_dir``."""
     if protocol.data == "digits":
         return None
+    data_dir = os.path.abspath(data_dir)  # the subset's symlinks must resolve from any working directory
     full = os.path.join(data_dir, "cifar10")
     if not os.path.isdir(os.path.join(full, "test")):
         tarball = next((t for t in TARBALLS if os.path.isfile(t)), None)

@@ -13,7 +13,7 @@ from .curriculum import anchor_count, pair_consistency, neighbourhood_consistenc
 from .errors import (BackendUnavailableError, FeaturesNotReadyError, InvalidFeaturesError, InvalidParameterError,
                      NbrIndexError, RebuildCancelled)
 from .rebuild import RebuildResult, rebuild
-from .selection import SELECTIONS, mutual_nearest, stable_nearest
+from .selection import SELECTION_CHOICES, SELECTIONS, class_nearest, mutual_nearest, stable_nearest
 from .shard import ProcessGroupShard
 
 __all__ = [
@@ -28,7 +28,9 @@ __all__ = [
     "ProcessGroupShard",
     "RebuildResult",
     "SELECTIONS",
+    "SELECTION_CHOICES",
     "anchor_count",
+    "class_nearest",
     "knn_entropy",
     "mutual_nearest",
     "pair_consistency",

@@ -18,7 +18,7 @@ from .click_errors import UserErrorGroup
 from .curriculum import MODES
 from .fused import MATMUL_PRECISIONS
 from .progress import StderrProgress
-from .selection import SELECTIONS
+from .selection import SELECTION_CHOICES
 
 GIB = 1 << 30
 
@@ -40,10 +40,12 @@ def _compute_options(function):
         click.option("--tau", type=float, default=None, help="Softmax temperature of the entropy [store's curriculum, else 0.1]."),
         click.option("--mode", type=click.Choice(MODES), default=None,
                      help="progressive: floor(N r/R) lowest-entropy anchors; oneoff: all N [store's curriculum]."),
-        click.option("--selection", type=click.Choice(SELECTIONS), default=None,
+        click.option("--selection", type=click.Choice(SELECTION_CHOICES), default=None,
                      help="Which rows fill the anchor places: entropy (the paper), mutual (mutual nearest "
                           "neighbours first, by entropy) or stable (rows whose nearest neighbour was a neighbour "
-                          "in the previous round first) [store's curriculum, else entropy]."),
+                          "in the previous round first); oracle uses the store's labels to give each anchor its own "
+                          "class's nearest rows: a measurement of the ceiling, not a method [store's curriculum, "
+                          "else entropy]."),
         click.option("--max-anchor-fraction", type=float, default=None,
                      help="At most floor(N f) anchors in any round, f in (0, 1]; 1 = the paper "
                           "[store's curriculum, else 1]."),

@@ -22,7 +22,7 @@ from .curriculum import (MODES, check_max_fraction, check_round, neighbourhood_c
                          select_anchors)
 from .errors import FeaturesNotReadyError, InvalidFeaturesError, InvalidParameterError
 from .fused import BlockSizes, Progress, check_shard_count, default_block_sizes, row_block_count, tile_rows
-from .selection import check_selection, mutual_nearest, preferred_rows, stable_nearest
+from .selection import ORACLE, check_selection, class_nearest, mutual_nearest, preferred_rows, stable_nearest
 from .shard import ProcessGroupShard
 
 # Used when the store records no curriculum (the trainer normally writes one).
@@ -71,6 +71,8 @@ class RebuildResult:
         ]
         if isinstance(consistency, (int, float)):
             parts.append(f"consistency {consistency:.1f}%")
+        if isinstance(a.get("found_consistency"), (int, float)):  # the oracle's: before it replaced them
+            parts.append(f"found consistency {a['found_consistency']:.1f}%")
         if isinstance(a.get("recall"), (int, float)):
             parts.append(f"recall@k {a['recall']:.4f}")
         return ", ".join(parts)
@@ -213,22 +215,30 @@ def rebuild(
         attrs["stable_fraction"] = float(stable.mean())
     if result.recall is not None:
         attrs["recall"] = result.recall
-    labels = store.read_labels()
+    labels = prepared.labels
+    neighbours = result.neighbours
+    if parameters.selection == ORACLE and shard.is_main and anchor.any():
+        # The measurement (nbr_index.selection): what the features found, then the anchors' own-class
+        # neighbours in their place. Rows that are not anchors keep what was found (training reads
+        # only the anchors' neighbours).
+        attrs["found_consistency"] = neighbourhood_consistency(neighbours, anchor, labels)
+        neighbours = neighbours.copy()
+        neighbours[anchor] = class_nearest(reader.read_all(), labels, parameters.k, np.flatnonzero(anchor))
     if labels is not None and anchor.any():
-        attrs["consistency"] = neighbourhood_consistency(result.neighbours, anchor, labels)
-        attrs["pair_consistency"] = pair_consistency(result.neighbours, anchor, labels)
+        attrs["consistency"] = neighbourhood_consistency(neighbours, anchor, labels)
+        attrs["pair_consistency"] = pair_consistency(neighbours, anchor, labels)
     attrs["seconds"] = time.perf_counter() - started
 
     published = False
     if shard.is_main:
         published = store.publish_neighbourhoods(
-            round, result.neighbours.astype(np.int64, copy=False), result.entropy.astype(np.float32, copy=False),
+            round, neighbours.astype(np.int64, copy=False), result.entropy.astype(np.float32, copy=False),
             anchor, attrs,
         )
     shard.barrier()  # rank 0 has published (or found the round there) before any worker returns
     if not published:  # another worker's round, or another process published it meanwhile
         return published_result(store, round, published=False)
-    return RebuildResult(round, True, result.neighbours, result.entropy, anchor, {**attrs, "anchors": int(anchor.sum())})
+    return RebuildResult(round, True, neighbours, result.entropy, anchor, {**attrs, "anchors": int(anchor.sum())})
 
 
 @dataclass
@@ -237,6 +247,7 @@ class _Prepared:
     reader: object  # storage.FeatureReader of features/round-(round-1); None when published already
     view: dict  # what this worker is about to compute (compared across the workers of a shard)
     previous: np.ndarray | None = None  # (N, k') neighbourhoods/round-(round-1), where published
+    labels: np.ndarray | None = None  # (N,) the store's labels, where it has them (consistency; the oracle)
 
 
 def _prepare(store: Store, round: int, backend: str, device: str, world_size: int, block_sizes,
@@ -267,7 +278,14 @@ def _prepare(store: Store, round: int, backend: str, device: str, world_size: in
             f"is for ({n}, {store.info.dim}); the snapshot does not belong to this store"
         )
     previous = _previous_neighbours(store, round, checked.selection)
-    return _Prepared(checked, reader, {**view, "source_checksum": reader.checksum, "_published": False}, previous)
+    labels = store.read_labels()
+    if checked.selection == ORACLE and labels is None:
+        raise InvalidParameterError(
+            f"selection oracle replaces the anchors' neighbours by their own class's, but store {store.url} "
+            f"holds no labels; write them (a labelled dataset in the trainer), or choose another selection"
+        )
+    return _Prepared(checked, reader, {**view, "source_checksum": reader.checksum, "_published": False}, previous,
+                     labels)
 
 
 def _previous_neighbours(store: Store, round: int, selection: str) -> np.ndarray | None:

@@ -20,6 +20,13 @@ already returns (entropies and neighbours), never from labels, and is exact:
 
 In the last round of the progressive curriculum every row is an anchor and all rules agree
 (``curriculum.anchor_count``'s ``max_fraction`` caps the count below N; every rule then decides).
+
+``oracle`` is not a rule but a measuring instrument, and the one place labels reach a round's
+neighbourhoods: the anchors are the entropy rule's, and each anchor's k neighbours are replaced by
+its k nearest rows *of its own class* in the same features (``class_nearest``). Training with it
+measures what a perfect neighbourhood rule could give at a budget: if even right neighbourhoods
+do not lift kNN far above Instance, no label-free rule can. It is refused on a store without
+labels, and is never a default or a method.
 """
 
 from __future__ import annotations
@@ -28,12 +35,41 @@ import numpy as np
 
 from .errors import InvalidParameterError
 
-SELECTIONS = ("entropy", "mutual", "stable")
+SELECTIONS = ("entropy", "mutual", "stable")  # the label-free rules
+ORACLE = "oracle"
+SELECTION_CHOICES = (*SELECTIONS, ORACLE)  # what a run may ask for: the rules and the label oracle
 
 
 def check_selection(selection: str) -> None:
-    if selection not in SELECTIONS:
-        raise InvalidParameterError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
+    if selection not in SELECTION_CHOICES:
+        raise InvalidParameterError(f"selection must be one of {', '.join(SELECTION_CHOICES)}, got {selection!r}")
+
+
+def class_nearest(features: np.ndarray, labels: np.ndarray, k: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """(len(rows), k) int64: each row's k nearest rows of its own class by inner product, self
+    excluded, nearest first (ties to the lower index). The ``oracle``'s neighbourhoods.
+
+    features: (N, d) float32 unit rows (inner product = cosine, as the index ranks); labels: (N,) int;
+    rows: the rows to answer for (default all), e.g. a round's anchors. Brute force per class in
+    float64: exact, and at most (class size)^2 per class, which the measurement can afford.
+    """
+    features, labels = np.asarray(features), np.asarray(labels)
+    if features.ndim != 2 or labels.shape != (features.shape[0],):
+        raise InvalidParameterError(f"features (N, d) and labels (N,) must match, got shapes {features.shape} "
+                                    f"and {labels.shape}")
+    rows = np.arange(features.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
+    neighbours = np.empty((rows.size, k), dtype=np.int64)
+    for label in np.unique(labels[rows]):
+        members = np.flatnonzero(labels == label)  # ascending, so a stable sort breaks ties by index
+        if members.size <= k:
+            raise InvalidParameterError(f"selection oracle needs more than k={k} rows of every class, class "
+                                        f"{label} has {members.size}; lower --k")
+        asking = np.flatnonzero(labels[rows] == label)
+        similarity = features[rows[asking]].astype(np.float64) @ features[members].astype(np.float64).T
+        similarity[np.arange(asking.size), np.searchsorted(members, rows[asking])] = -np.inf  # not itself
+        order = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+        neighbours[asking] = members[order]
+    return neighbours
 
 
 def mutual_nearest(neighbours: np.ndarray) -> np.ndarray:

@@ -115,6 +115,8 @@ def _neighbourhood_line(entry: dict, n: int) -> str:
         parts.append(f"anchors {entry['anchors']} ({100.0 * entry['anchors'] / n:.1f}%)")
     if isinstance(entry.get("consistency"), (int, float)):
         parts.append(f"consistency {entry['consistency']:.1f}%")
+    if isinstance(entry.get("found_consistency"), (int, float)):  # selection oracle: before its replacement
+        parts.append(f"found {entry['found_consistency']:.1f}%")
     parts.append(f"backend {entry.get('backend', '?')}")
     if isinstance(entry.get("seconds"), (int, float)):
         parts.append(f"{entry['seconds']:.1f} s")

@@ -27,7 +27,8 @@ accepts (``s3://bucket/run``, ``memory://x``). Nothing outside ``storage/`` know
                                          max_anchor_fraction, neighbour_features, mutual_fraction,
                                          stable_fraction (from round 2), source_features_round,
                                          backend, seconds,
-                                         consistency and pair_consistency (if known), anchors,
+                                         consistency and pair_consistency (if known),
+                                         found_consistency (selection oracle), anchors,
                                          complete, checksum, digest, digests
     neighbours                           (N, k) int64, chunks of chunk_rows rows
     entropy                              (N,) float32

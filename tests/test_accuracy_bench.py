@@ -46,3 +46,20 @@ def test_summary_takes_the_recomputed_knn_over_seeds_and_marks_runs_without_it()
     and_row = next(line for line in text.splitlines() if line.startswith("| project | and |"))
     assert [c.strip() for c in and_row.strip("|").split("|")][column] == "49.20 ± 0.28 (2 of 3)"
     assert table["reference/instance"]["recomputed_knn_top1"][0] != table["reference/instance"]["recomputed_knn_top1"][0]
+
+
+def test_the_cifar_subset_made_from_a_relative_data_dir_resolves_from_anywhere(tmp_path, monkeypatch):
+    # A relative --data-dir once made the subset's symlinks relative to it, and every image a
+    # missing file to the trainer, which runs elsewhere.
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            folder = tmp_path / "data" / "cifar10" / split / name
+            folder.mkdir(parents=True)
+            for i in range(3):
+                (folder / f"{i:04d}.jpg").write_bytes(f"{split}/{name}/{i}".encode())
+    monkeypatch.chdir(tmp_path)
+    subset = accuracy.ensure_data(accuracy.PROTOCOLS["cifar10-10k"], "data", log=print)
+    monkeypatch.chdir(tmp_path / "data" / "cifar10" / "train")
+    assert Path(subset).is_absolute()
+    assert (Path(subset) / "train" / "dog" / "0002.jpg").read_bytes() == b"train/dog/2"
+    assert sorted(p.name for p in (Path(subset) / "test" / "cat").iterdir()) == ["0000.jpg", "0001.jpg", "0002.jpg"]

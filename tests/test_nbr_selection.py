@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from nbr_index import (FeaturesNotReadyError, InvalidParameterError, anchor_count, mutual_nearest, rebuild,
-                       select_anchors, stable_nearest)
+from nbr_index import (FeaturesNotReadyError, InvalidParameterError, anchor_count, class_nearest, mutual_nearest,
+                       rebuild, select_anchors, stable_nearest)
 from nbr_index.reference import brute_force_knn_entropy
-from storage import Store
+from storage import Store, format_description
 from tests.helpers import one_line_error, unit_rows
 
 N, DIM = 600, 16
@@ -152,7 +152,7 @@ def test_the_rules_differ_and_the_store_curriculum_chooses_by_default(tmp_path):
 
 
 def test_an_unknown_rule_is_one_line_and_publishes_nothing(store):
-    with pytest.raises(InvalidParameterError, match="selection must be one of entropy, mutual, stable, got 'margin'"):
+    with pytest.raises(InvalidParameterError, match="selection must be one of entropy, mutual, stable, oracle, got 'margin'"):
         rebuild(store, 1, selection="margin")
     assert store.published_rounds() == []
 
@@ -167,16 +167,22 @@ def test_the_cli_takes_the_rule(store):
     assert np.nonzero(store.read_neighbourhoods(1).anchor)[0].tolist() == expected_anchors("mutual", N // 3).tolist()
 
 
+def short_trainer_run(run, *flags) -> tuple[Store, dict]:
+    """``trainer run`` on digits, 2 + 1 rounds of 1 epoch, no per-epoch kNN, with ``flags``: the
+    run's store and summary."""
+    from trainer.cli import main
+
+    result = CliRunner().invoke(main, ["run", "--run-dir", str(run), "--rounds", "2", "--epochs-per-round", "1",
+                                       "--eval-every", "0", *flags])
+    assert result.exit_code == 0, result.output + result.stderr
+    return Store.open(str(run / "store")), json.loads((run / "summary.json").read_text())
+
+
 def test_a_trainer_run_with_the_mutual_rule_records_it_and_keeps_the_curriculum_count(tmp_path):
     from trainer.cli import main
 
-    run = tmp_path / "run"
-    result = CliRunner().invoke(main, ["run", "--run-dir", str(run), "--rounds", "2", "--epochs-per-round", "1",
-                                       "--eval-every", "0", "--selection", "mutual"])
-    assert result.exit_code == 0, result.output + result.stderr
-    store = Store.open(str(run / "store"))
+    store, summary = short_trainer_run(tmp_path / "run", "--selection", "mutual")
     assert store.info.curriculum["selection"] == "mutual"
-    summary = json.loads((run / "summary.json").read_text())
     assert [r["anchors"] for r in summary["rounds"]] == [0, 750, 1500]
     round_1 = store.read_neighbourhoods(1)
     assert round_1.attrs["selection"] == "mutual"
@@ -185,20 +191,15 @@ def test_a_trainer_run_with_the_mutual_rule_records_it_and_keeps_the_curriculum_
     # Every mutual row is an anchor before any other row is (750 places, fewer mutual rows).
     assert mutual.sum() < 750 and anchors[mutual].all()
     bad = CliRunner().invoke(main, ["run", "--run-dir", str(tmp_path / "bad"), "--selection", "margin"])
-    one_line_error(bad, "unknown selection 'margin': choose one of entropy, mutual, stable")
+    one_line_error(bad, "unknown selection 'margin': choose one of entropy, mutual, stable, oracle")
     assert not (tmp_path / "bad").exists()
 
 
 def test_a_capped_trainer_run_records_the_cap_and_never_passes_it(tmp_path):
     from trainer.cli import main
 
-    run = tmp_path / "run"
-    result = CliRunner().invoke(main, ["run", "--run-dir", str(run), "--rounds", "2", "--epochs-per-round", "1",
-                                       "--eval-every", "0", "--selection", "stable", "--max-anchor-fraction", "0.5"])
-    assert result.exit_code == 0, result.output + result.stderr
-    store = Store.open(str(run / "store"))
+    store, summary = short_trainer_run(tmp_path / "run", "--selection", "stable", "--max-anchor-fraction", "0.5")
     assert store.info.curriculum["max_anchor_fraction"] == 0.5 and store.info.curriculum["selection"] == "stable"
-    summary = json.loads((run / "summary.json").read_text())
     # 1,500 digits, R = 2: 750 anchors in round 1, and 750 (not 1,500) in round 2, the stable rule's.
     assert [r["anchors"] for r in summary["rounds"]] == [0, 750, 750]
     round_2 = store.read_neighbourhoods(2)
@@ -239,3 +240,68 @@ def test_the_selection_replay_bench_measures_every_rule_on_one_runs_banks(tmp_pa
         every = (labels[neighbours] == labels[:, None]).all(axis=1)
         assert row["all rows"] == pytest.approx(100 * every.mean())
     assert rows[0]["stable rows"] is None and rows[1]["stable rows"] > 0
+
+
+def brute_force_class_nearest(features: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """(N, k): row by row, the k most similar other rows of the same label, float64, ties to the lower index."""
+    features = features.astype(np.float64)
+    out = []
+    for i in range(len(labels)):
+        same = [j for j in range(len(labels)) if labels[j] == labels[i] and j != i]
+        out.append(sorted(same, key=lambda j: (-float(features[i] @ features[j]), j))[:k])
+    return np.array(out)
+
+
+def test_class_nearest_equals_a_row_by_row_brute_force_and_checks_its_input():
+    features, labels = unit_rows(200, 8, seed=3), (np.arange(200) * 7 % 4).astype(np.int64)
+    expected = brute_force_class_nearest(features, labels, 3)
+    assert class_nearest(features, labels, 3).tolist() == expected.tolist()
+    rows = np.array([5, 0, 199, 42])
+    assert class_nearest(features, labels, 3, rows).tolist() == expected[rows].tolist()
+    assert (labels[expected] == labels[:, None]).all() and (expected != np.arange(200)[:, None]).all()
+    with pytest.raises(InvalidParameterError, match="class 1 has 2; lower --k"):
+        class_nearest(features[:6], np.array([0, 0, 0, 0, 1, 1]), 2)
+    with pytest.raises(InvalidParameterError, match="must match"):
+        class_nearest(features, labels[:10], 1)
+
+
+def test_the_oracle_keeps_the_entropy_anchors_and_gives_them_their_own_class_neighbours(store):
+    labels = (np.arange(N) % 5).astype(np.int64)
+    result = rebuild(store, 1, selection="oracle")
+    published = store.read_neighbourhoods(1)
+    anchor = np.asarray(published.anchor)
+    assert np.nonzero(anchor)[0].tolist() == expected_anchors("entropy", N // 3).tolist()
+    found, _, _ = brute_force_knn_entropy(unit_rows(N, DIM), 2, 0.1)
+    neighbours = np.asarray(published.neighbours)
+    assert neighbours[anchor].tolist() == brute_force_class_nearest(unit_rows(N, DIM), labels, 2)[anchor].tolist()
+    assert neighbours[~anchor].tolist() == found[~anchor].tolist()  # what the features found, untouched
+    found_agree = (labels[found[anchor]] == labels[anchor][:, None]).all(axis=1)
+    assert published.attrs["found_consistency"] == pytest.approx(100 * found_agree.mean())
+    assert published.attrs["found_consistency"] < 50 and published.attrs["consistency"] == 100.0
+    assert published.attrs["selection"] == "oracle" and "found consistency" in result.summary()
+    assert f"found {published.attrs['found_consistency']:.1f}%" in format_description(store.describe())  # inspect
+
+
+def test_the_oracle_without_labels_is_one_line_and_publishes_nothing(tmp_path):
+    from nbr_index.cli import main
+
+    store = Store.create_or_open(str(tmp_path / "s"), n=N, dim=DIM, dataset_id="test",
+                                 curriculum={"rounds": 3, "k": 2, "tau": 0.1, "mode": "progressive"})
+    store.write_features(0, unit_rows(N, DIM))
+    bad = CliRunner().invoke(main, ["rebuild", "--store", store.url, "--round", "1", "--selection", "oracle"])
+    one_line_error(bad, "selection oracle replaces the anchors' neighbours by their own class's, but store")
+    assert store.published_rounds() == []
+
+
+def test_a_trainer_run_with_the_oracle_trains_on_own_class_neighbourhoods(tmp_path):
+    store, summary = short_trainer_run(tmp_path / "run", "--selection", "oracle")
+    assert [r["anchors"] for r in summary["rounds"]] == [0, 750, 1500]
+    assert [r["consistency"] for r in summary["rounds"][1:]] == [100.0, 100.0]
+    labels = store.read_labels()
+    for r in (1, 2):
+        attrs = store.read_neighbourhoods(r).attrs
+        assert attrs["selection"] == "oracle" and 0.0 < attrs["found_consistency"] < 100.0
+    round_1 = store.read_neighbourhoods(1)
+    anchors = np.flatnonzero(round_1.anchor)
+    bank = store.feature_reader(0).read_all()
+    assert np.asarray(round_1.neighbours)[anchors].tolist() == class_nearest(bank, labels, 1, anchors).tolist()

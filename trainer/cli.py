@@ -45,7 +45,9 @@ FLAG_HELP = {
     "tau": "softmax temperature",
     "selection": "which rows fill a round's anchor places: entropy (the paper: lowest entropy), mutual "
                  "(rows that are a mutual nearest neighbour first, each group by entropy; same count) or "
-                 "stable (rows whose nearest neighbour was also a neighbour in the previous round first)",
+                 "stable (rows whose nearest neighbour was also a neighbour in the previous round first); oracle: "
+                 "the entropy rule's anchors with their own class's nearest rows as neighbours (uses the labels: "
+                 "measures what right neighbourhoods could give, not a method)",
     "max_anchor_fraction": "at most floor(N f) anchors in any round, f in (0, 1]; 1 = the paper (every "
                            "sample an anchor in the last round)",
     "neighbour_features": "what the index finds neighbours and entropies in: bank (the paper: the memory bank) "

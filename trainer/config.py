@@ -11,7 +11,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field, fields
 
-from nbr_index.selection import SELECTIONS
+from nbr_index.selection import SELECTION_CHOICES
 from trainer.errors import TrainerError
 
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "svhn", "imagefolder")
@@ -53,7 +53,7 @@ class TrainConfig:
     rounds: int = 4                      # curriculum rounds R after round 0 (R + 1 training rounds)
     k: int = 1                           # neighbours per anchor
     tau: float = 0.1                     # softmax temperature (loss and entropy)
-    selection: str = "entropy"           # which rows fill the anchor places: entropy (paper) | mutual | stable
+    selection: str = "entropy"           # which rows fill the anchor places: entropy (paper) | mutual | stable | oracle (labels: a measurement)
     max_anchor_fraction: float = 1.0     # at most floor(N f) anchors in any round; 1 = the paper
     neighbour_features: str = "bank"     # what the index finds neighbours in: bank (the paper) | backbone
     eta: float = 0.5                     # memory-bank EMA rate (Eq 8)
@@ -176,8 +176,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.arch in ARCHS, f"unknown arch {cfg.arch!r}: choose one of {', '.join(ARCHS)}")
     need(cfg.method in METHODS, f"unknown method {cfg.method!r}: choose one of {', '.join(METHODS)}")
     need(cfg.precision in ("fp32", "bf16"), f"unknown precision {cfg.precision!r}: choose fp32 or bf16")
-    need(cfg.selection in SELECTIONS,
-         f"unknown selection {cfg.selection!r}: choose one of {', '.join(SELECTIONS)}")
+    need(cfg.selection in SELECTION_CHOICES,
+         f"unknown selection {cfg.selection!r}: choose one of {', '.join(SELECTION_CHOICES)}")
     need(0.0 < cfg.max_anchor_fraction <= 1.0,
          f"--max-anchor-fraction must be in (0, 1] (1: no cap, the paper), got {cfg.max_anchor_fraction}")
     need(cfg.neighbour_features in NEIGHBOUR_FEATURES,
