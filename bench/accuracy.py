@@ -53,13 +53,16 @@ IMPLEMENTATIONS = ("project", "reference")
 # count is round 3's), and-backbone AND with neighbourhoods found in the backbone's features of the
 # un-augmented images (--neighbour-features): rules beyond the paper the minimal reference lacks.
 # and-oracle is no rule: the entropy anchors with their own class's nearest rows as neighbours
-# (labels), the kNN that right neighbourhoods would give at the budget, the ceiling of every rule.
+# (labels), the kNN that right neighbourhoods would give at the budget, the ceiling of every rule;
+# and-oneoff-oracle gives every row such a neighbourhood from round 1 on (the one-off curriculum):
+# the most right pairs any selection could reach.
 METHOD_FLAGS = {"and": ["--method", "and"], "instance": ["--method", "instance"],
                 "and-oneoff": ["--method", "and-oneoff"], "and-mutual": ["--method", "and", "--selection", "mutual"],
                 "and-stable": ["--method", "and", "--selection", "stable"],
                 "and-cap75": ["--method", "and", "--max-anchor-fraction", "0.75"],
                 "and-backbone": ["--method", "and", "--neighbour-features", "backbone"],
-                "and-oracle": ["--method", "and", "--selection", "oracle"]}
+                "and-oracle": ["--method", "and", "--selection", "oracle"],
+                "and-oneoff-oracle": ["--method", "and-oneoff", "--selection", "oracle"]}
 METHODS = tuple(METHOD_FLAGS)
 REFERENCE_METHODS = ("and", "instance", "and-oneoff")
 

@@ -16,8 +16,6 @@ mean ± std over them.
 """
 from __future__ import annotations
 
-import glob
-import json
 import os
 import statistics
 import sys
@@ -31,6 +29,7 @@ from nbr_index import (SELECTIONS, anchor_count, knn_entropy, mutual_nearest,  #
                        neighbourhood_consistency, select_anchors, stable_nearest)
 from nbr_index.rebuild import store_curriculum  # noqa: E402
 from nbr_index.selection import preferred_rows  # noqa: E402
+from bench.run_stores import store_options, store_urls, write_rows  # noqa: E402
 from storage import Store  # noqa: E402
 
 
@@ -68,12 +67,10 @@ def replay(store: Store, seed: int = 0) -> list[dict]:
 
 
 @click.command()
-@click.option("--store", "store_patterns", multiple=True, required=True,
-              help="the store of a finished run (holds its labels); a glob, or repeated, for several runs")
-@click.option("--json-out", default=None, help="also write every store's rows as JSON here")
+@store_options
 def main(store_patterns: tuple[str, ...], json_out: str | None) -> None:
     """Replay every selection rule on runs' memory banks; print the anchors' consistency per round."""
-    urls = sorted({url for pattern in store_patterns for url in (glob.glob(pattern) or [pattern])})
+    urls = store_urls(store_patterns)
     per_store = {url: replay(Store.open(url)) for url in urls}
     rounds = min(len(rows) for rows in per_store.values())
     columns = [*SELECTIONS, "random", "all rows", "mutual rows", "stable rows"]
@@ -85,9 +82,7 @@ def main(store_patterns: tuple[str, ...], json_out: str | None) -> None:
         first = per_store[urls[0]][i]
         cells = [_mean_std([rows[i][c] for rows in per_store.values()]) for c in columns]
         click.echo(f"| {first['round']} | {first['anchors']} | " + " | ".join(cells) + " |")
-    if json_out:
-        with open(json_out, "w") as fh:
-            json.dump(per_store, fh, indent=1)
+    write_rows(json_out, per_store)
 
 
 def _mean_std(values: list) -> str:

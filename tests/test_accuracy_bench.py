@@ -63,3 +63,19 @@ def test_the_cifar_subset_made_from_a_relative_data_dir_resolves_from_anywhere(t
     assert Path(subset).is_absolute()
     assert (Path(subset) / "train" / "dog" / "0002.jpg").read_bytes() == b"train/dog/2"
     assert sorted(p.name for p in (Path(subset) / "test" / "cat").iterdir()) == ["0000.jpg", "0001.jpg", "0002.jpg"]
+
+
+@pytest.mark.parametrize("method", accuracy.METHODS)
+def test_every_method_is_a_trainer_run_that_validates(method):
+    """Each method's flags parse as `trainer run` options and give a valid config of that method."""
+    from trainer.cli import build_config, run
+    from trainer.config import validate
+
+    context = run.make_context("run", [*accuracy.METHOD_FLAGS[method], "--run-dir", "unused"])
+    flags = {k: v for k, v in context.params.items()
+             if k not in ("config_file", "resume", "world_size", "max_restarts", "master_port", "check_replicas")}
+    cfg = build_config(flags, None, resume=False)
+    validate(cfg)
+    method_flags = accuracy.METHOD_FLAGS[method]
+    assert cfg.method == method_flags[method_flags.index("--method") + 1]
+    assert (cfg.selection == "oracle") == method.endswith("-oracle")

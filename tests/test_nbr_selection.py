@@ -3,6 +3,7 @@ force, the CLI flag, and a trainer run that records the rule."""
 
 import json
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -305,3 +306,42 @@ def test_a_trainer_run_with_the_oracle_trains_on_own_class_neighbourhoods(tmp_pa
     anchors = np.flatnonzero(round_1.anchor)
     bank = store.feature_reader(0).read_all()
     assert np.asarray(round_1.neighbours)[anchors].tolist() == class_nearest(bank, labels, 1, anchors).tolist()
+
+
+def test_the_class_geometry_bench_equals_pair_by_pair_cosines_on_a_real_store(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "class_geometry.py"
+    spec = importlib.util.spec_from_file_location("class_geometry", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    n, labels = 90, (np.arange(90) * 7 % 3).astype(np.int64)
+    store = Store.create_or_open(str(tmp_path / "s"), n=n, dim=DIM, dataset_id="test", chunk_rows=32)
+    centres = unit_rows(3, DIM, seed=5)
+    banks = [unit_rows(n, DIM, seed=4), drifted(centres[labels], 0.5, seed=6)]  # round 1: classes cluster
+    for r, bank in enumerate(banks):
+        store.write_features(r, 3.0 * bank)   # any norm: the bench normalises
+    store.write_labels(labels)
+    rows = bench.store_geometry(store)
+    assert [row["round"] for row in rows] == [0, 1]
+    for row in rows:
+        stored = store.feature_reader(row["round"]).read_all().astype(np.float64)
+        unit = stored / np.linalg.norm(stored, axis=1, keepdims=True)
+        cos = unit @ unit.T
+        same = labels[:, None] == labels[None, :]
+        off_diagonal = ~np.eye(n, dtype=bool)
+        nearest = np.where(same & off_diagonal, cos, -np.inf).max(axis=1).mean()
+        assert row["nearest own-class"] == pytest.approx(nearest, abs=1e-6)
+        assert row["same class"] == pytest.approx(cos[same & off_diagonal].mean(), abs=1e-9)
+        assert row["different class"] == pytest.approx(cos[~same].mean(), abs=1e-9)
+        assert row["class gap"] == pytest.approx(row["same class"] - row["different class"])
+    assert rows[1]["class gap"] > rows[0]["class gap"] + 0.2   # the clustered round stands apart
+    printed = CliRunner().invoke(bench.main, ["--store", str(tmp_path / "s"), "--json-out", str(tmp_path / "g.json")])
+    assert printed.exit_code == 0, printed.output
+    assert f"| {tmp_path / 's'} | 1 | {rows[1]['nearest own-class']:.3f} |" in printed.output
+    assert json.loads((tmp_path / "g.json").read_text()) == {str(tmp_path / "s"): rows}
+    unlabelled = Store.create_or_open(str(tmp_path / "u"), n=n, dim=DIM, dataset_id="test", chunk_rows=32)
+    unlabelled.write_features(0, banks[0])
+    with pytest.raises(click.ClickException, match="holds no labels"):
+        bench.store_geometry(unlabelled)
