@@ -10,6 +10,8 @@ subprocess with --threads torch threads (CPU). A finished run is never run again
 interrupted project run resumes from its checkpoint, so the same command continues where the last
 one stopped: --time-budget S stops the runs in flight after S seconds (their state kept) and exits,
 which is how the GPU protocol is cut into pieces that fit the device's 10-minute commands.
+--import-json docs/accuracy/<protocol>.json counts the runs of a published table as finished
+(where --out-dir has none of its own), so that a table grows by new runs without the old ones.
 
 Printed and written to <out-dir>/accuracy.md (with accuracy.json and accuracy.png): per
 (implementation, method), mean +- sample std over seeds of kNN top-1 per round, the final kNN (last
@@ -156,6 +158,45 @@ class Run:
         return os.path.join(self.run_dir, "result.json")
 
 
+def run_dir_name(implementation: str, method: str, seed: int) -> str:
+    return f"{implementation}-{method}-seed{seed}"
+
+
+def import_published(path: str, protocol: Protocol, out_dir: str, log) -> int:
+    """Write each run recorded in a published accuracy.json into ``out_dir`` as a finished run
+    (its result.json) where ``out_dir`` has none, so that a table can grow by new runs on another
+    machine without rerunning the old ones. Returns how many were written."""
+    with open(path) as fh:
+        published = json.load(fh)
+    recorded = published["protocol"]
+    if (recorded["name"], recorded["rounds"], recorded["epochs"]) != (protocol.name, protocol.rounds, protocol.epochs):
+        raise click.ClickException(f"{path} holds {recorded['name']} ({recorded['rounds']} + 1 rounds x "
+                                   f"{recorded['epochs']} epochs), not this --protocol/--epochs")
+    found = []   # (run directory, result), every group checked before anything is written
+    for name, group in published["groups"].items():
+        seeds = group.get("seed_list")
+        if seeds is None:   # tables written before seed_list: the values follow the seeds, when all ran
+            if len(group["values"]) != len(published["seeds"]):
+                raise click.ClickException(f"{path}: {name} has {len(group['values'])} runs for seeds "
+                                           f"{published['seeds']} and no seed_list, so their seeds are unknown")
+            seeds = published["seeds"]
+        implementation, method = name.split("/")
+        found += [(os.path.join(out_dir, run_dir_name(implementation, method, seed)), result)
+                  for seed, result in zip(seeds, group["values"])]
+    written = 0
+    for run_dir, result in found:
+        target = os.path.join(run_dir, "result.json")
+        if os.path.exists(target):
+            continue
+        os.makedirs(run_dir, exist_ok=True)
+        with open(target + ".partial", "w") as fh:
+            json.dump(result, fh, indent=1)
+        os.replace(target + ".partial", target)
+        written += 1
+    log(f"imported {written} finished run(s) from {path}")
+    return written
+
+
 def commands(run: Run, protocol: Protocol, data: str | None) -> list[list[str]]:
     """The subprocess command lines of one run, in order."""
     python = sys.executable
@@ -271,9 +312,11 @@ def fmt(values: list, digits: int = 2) -> str:
 def summarise(runs: list[Run], protocol: Protocol, seeds: list[int]) -> tuple[str, dict]:
     """The Markdown tables and the JSON of every group (implementation, method) over seeds."""
     groups: dict[tuple[str, str], list[dict]] = {}
+    group_seeds: dict[tuple[str, str], list[int]] = {}
     for run in runs:
         if run.result is not None:
             groups.setdefault((run.implementation, run.method), []).append(run.result)
+            group_seeds.setdefault((run.implementation, run.method), []).append(run.seed)
     rounds = protocol.rounds + 1
     lines = [f"### {protocol.name}: {protocol.arch}, {rounds} rounds x {protocol.epochs} epochs, batch "
              f"{protocol.batch_size}, seeds {','.join(map(str, seeds))} (mean ± std over seeds)", "",
@@ -289,6 +332,7 @@ def summarise(runs: list[Run], protocol: Protocol, seeds: list[int]) -> tuple[st
                      f"{fmt([r['seconds'] for r in results], 0)} | {fmt([r['images_per_s'] for r in results], 0)} |")
         table[f"{impl}/{method}"] = {
             "seeds": len(results),
+            "seed_list": group_seeds[(impl, method)],   # the seed of each entry of "values"
             "final_knn_top1": mean_std([r["final_knn_top1"] for r in results]),
             "best_epoch_knn_top1": mean_std([r["best_epoch_knn_top1"] for r in results]),
             "recomputed_knn_top1": mean_std([r.get("recomputed_knn_top1") for r in results]),
@@ -360,8 +404,10 @@ def plot(table: dict, protocol: Protocol, path: str) -> None:
 @click.option("--data-dir", default=os.path.join(ROOT, ".data"), show_default=True,
               help="where the CIFAR-10 folders are unpacked")
 @click.option("--table-only", is_flag=True, help="start no run: the table, JSON and plot of the finished runs")
+@click.option("--import-json", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="a published accuracy.json (docs/accuracy/): its runs count as finished where --out-dir lacks them")
 def main(protocol_name, methods, implementations, seeds, epochs, jobs, threads, time_budget, out_dir, data_dir,
-         table_only):
+         table_only, import_json):
     """Train AND, Instance and one-off AND (project and minimal reference) at one budget; print the table."""
     protocol = PROTOCOLS[protocol_name]
     if epochs:
@@ -376,6 +422,8 @@ def main(protocol_name, methods, implementations, seeds, epochs, jobs, threads, 
         impl_list = [i for i in impl_list if i != "reference"]
     seed_list = [int(s) for s in seeds.split(",") if s]
     out_dir = out_dir or os.path.join("runs", "accuracy", protocol.name + (f"-e{epochs}" if epochs else ""))
+    for path in import_json:
+        import_published(path, protocol, out_dir, click.echo)
     data = None if table_only else ensure_data(protocol, data_dir, click.echo)
     runs = []
     for seed in seed_list:
@@ -383,7 +431,7 @@ def main(protocol_name, methods, implementations, seeds, epochs, jobs, threads, 
             for impl in impl_list:
                 if impl == "reference" and method not in REFERENCE_METHODS:
                     continue
-                run = Run(impl, method, seed, os.path.abspath(os.path.join(out_dir, f"{impl}-{method}-seed{seed}")))
+                run = Run(impl, method, seed, os.path.abspath(os.path.join(out_dir, run_dir_name(impl, method, seed))))
                 if os.path.exists(run.result_path):
                     with open(run.result_path) as fh:
                         run.result = json.load(fh)

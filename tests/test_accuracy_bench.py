@@ -1,11 +1,15 @@
-"""bench/accuracy.py's summary: mean and sample std over seeds, a dash where no run has a value."""
+"""bench/accuracy.py's summary (mean and sample std over seeds, a dash where no run has a value),
+its data subset, its methods' flags, and the import of a published table."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import statistics
 import sys
 from pathlib import Path
 
+import click
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,3 +83,39 @@ def test_every_method_is_a_trainer_run_that_validates(method):
     method_flags = accuracy.METHOD_FLAGS[method]
     assert cfg.method == method_flags[method_flags.index("--method") + 1]
     assert (cfg.selection == "oracle") == method.endswith("-oracle")
+
+
+def test_a_published_table_imports_back_as_the_same_runs_under_their_seeds(tmp_path):
+    protocol = accuracy.PROTOCOLS["cifar10-10k"]
+    runs = [accuracy.Run("project", "and", seed, "/nowhere", result=_result(47.0 + seed, 49.0)) for seed in (0, 2)]
+    runs.append(accuracy.Run("reference", "instance", 1, "/nowhere", result=_result(46.0, None)))
+    _, table = accuracy.summarise(runs, protocol, [0, 1, 2])
+    assert table["project/and"]["seed_list"] == [0, 2]
+    published = tmp_path / "accuracy.json"
+    published.write_text(json.dumps({"protocol": dataclasses.asdict(protocol), "seeds": [0, 1, 2], "groups": table}))
+    out_dir = tmp_path / "runs"
+    # A run already in the out-dir is kept, not overwritten by the published one.
+    (out_dir / "project-and-seed2").mkdir(parents=True)
+    (out_dir / "project-and-seed2" / "result.json").write_text(json.dumps(_result(50.0, 51.0)))
+
+    assert accuracy.import_published(str(published), protocol, str(out_dir), log=lambda _: None) == 2
+    assert json.loads((out_dir / "project-and-seed0" / "result.json").read_text()) == _result(47.0, 49.0)
+    assert json.loads((out_dir / "reference-instance-seed1" / "result.json").read_text()) == _result(46.0, None)
+    assert json.loads((out_dir / "project-and-seed2" / "result.json").read_text())["final_knn_top1"] == 50.0
+    assert not (out_dir / "project-and-seed1").exists()
+
+
+def test_an_import_refuses_another_protocol_and_runs_of_unknown_seed(tmp_path):
+    protocol = accuracy.PROTOCOLS["cifar10-10k"]
+    # Written before seed_list: three runs for three seeds can be placed, one cannot, and then
+    # nothing is imported, not even the three.
+    complete = {"values": [_result(47.0, 49.0)] * 3}
+    partial = {"values": [_result(47.0, 49.0)]}
+    published = tmp_path / "accuracy.json"
+    published.write_text(json.dumps({"protocol": dataclasses.asdict(protocol), "seeds": [0, 1, 2],
+                                     "groups": {"project/instance": complete, "project/and": partial}}))
+    with pytest.raises(click.ClickException, match="1 runs for seeds .* no seed_list"):
+        accuracy.import_published(str(published), protocol, str(tmp_path / "runs"), log=print)
+    with pytest.raises(click.ClickException, match="not this --protocol"):
+        accuracy.import_published(str(published), accuracy.PROTOCOLS["digits"], str(tmp_path / "runs"), log=print)
+    assert not (tmp_path / "runs").exists()
