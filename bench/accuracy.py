@@ -166,14 +166,18 @@ def import_published(path: str, protocol: Protocol, out_dir: str, log) -> int:
     """Write each run recorded in a published accuracy.json into ``out_dir`` as a finished run
     (its result.json) where ``out_dir`` has none, so that a table can grow by new runs on another
     machine without rerunning the old ones. Returns how many were written."""
-    with open(path) as fh:
-        published = json.load(fh)
-    recorded = published["protocol"]
+    try:
+        with open(path) as fh:
+            published = json.load(fh)
+        recorded, groups = published["protocol"], published["groups"]
+    except (ValueError, KeyError, TypeError):
+        raise click.ClickException(f"{path} is not an accuracy.json of bench/accuracy.py "
+                                   f"(JSON with 'protocol' and 'groups')") from None
     if (recorded["name"], recorded["rounds"], recorded["epochs"]) != (protocol.name, protocol.rounds, protocol.epochs):
         raise click.ClickException(f"{path} holds {recorded['name']} ({recorded['rounds']} + 1 rounds x "
                                    f"{recorded['epochs']} epochs), not this --protocol/--epochs")
     found = []   # (run directory, result), every group checked before anything is written
-    for name, group in published["groups"].items():
+    for name, group in groups.items():
         seeds = group.get("seed_list")
         if seeds is None:   # tables written before seed_list: the values follow the seeds, when all ran
             if len(group["values"]) != len(published["seeds"]):

@@ -105,7 +105,7 @@ def test_a_published_table_imports_back_as_the_same_runs_under_their_seeds(tmp_p
     assert not (out_dir / "project-and-seed1").exists()
 
 
-def test_an_import_refuses_another_protocol_and_runs_of_unknown_seed(tmp_path):
+def test_an_import_refuses_another_protocol_runs_of_unknown_seed_and_other_files(tmp_path):
     protocol = accuracy.PROTOCOLS["cifar10-10k"]
     # Written before seed_list: three runs for three seeds can be placed, one cannot, and then
     # nothing is imported, not even the three.
@@ -118,4 +118,8 @@ def test_an_import_refuses_another_protocol_and_runs_of_unknown_seed(tmp_path):
         accuracy.import_published(str(published), protocol, str(tmp_path / "runs"), log=print)
     with pytest.raises(click.ClickException, match="not this --protocol"):
         accuracy.import_published(str(published), accuracy.PROTOCOLS["digits"], str(tmp_path / "runs"), log=print)
+    not_a_table = tmp_path / "summary.json"
+    not_a_table.write_text(json.dumps({"rounds": []}))
+    with pytest.raises(click.ClickException, match="not an accuracy.json"):
+        accuracy.import_published(str(not_a_table), protocol, str(tmp_path / "runs"), log=print)
     assert not (tmp_path / "runs").exists()
