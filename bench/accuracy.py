@@ -162,6 +162,13 @@ def run_dir_name(implementation: str, method: str, seed: int) -> str:
     return f"{implementation}-{method}-seed{seed}"
 
 
+def write_result(path: str, result: dict) -> None:
+    """Write a run's result.json whole or not at all: a finished run is one whose file exists."""
+    with open(path + ".partial", "w") as fh:
+        json.dump(result, fh, indent=1)
+    os.replace(path + ".partial", path)
+
+
 def import_published(path: str, protocol: Protocol, out_dir: str, log) -> int:
     """Write each run recorded in a published accuracy.json into ``out_dir`` as a finished run
     (its result.json) where ``out_dir`` has none, so that a table can grow by new runs on another
@@ -170,21 +177,22 @@ def import_published(path: str, protocol: Protocol, out_dir: str, log) -> int:
         with open(path) as fh:
             published = json.load(fh)
         recorded, groups = published["protocol"], published["groups"]
+        name, rounds, epochs = recorded["name"], recorded["rounds"], recorded["epochs"]
     except (ValueError, KeyError, TypeError):
         raise click.ClickException(f"{path} is not an accuracy.json of bench/accuracy.py "
                                    f"(JSON with 'protocol' and 'groups')") from None
-    if (recorded["name"], recorded["rounds"], recorded["epochs"]) != (protocol.name, protocol.rounds, protocol.epochs):
-        raise click.ClickException(f"{path} holds {recorded['name']} ({recorded['rounds']} + 1 rounds x "
-                                   f"{recorded['epochs']} epochs), not this --protocol/--epochs")
+    if (name, rounds, epochs) != (protocol.name, protocol.rounds, protocol.epochs):
+        raise click.ClickException(f"{path} holds {name} ({rounds} + 1 rounds x {epochs} epochs), "
+                                   f"not this --protocol/--epochs")
     found = []   # (run directory, result), every group checked before anything is written
-    for name, group in groups.items():
+    for group_name, group in groups.items():
         seeds = group.get("seed_list")
         if seeds is None:   # tables written before seed_list: the values follow the seeds, when all ran
             if len(group["values"]) != len(published["seeds"]):
-                raise click.ClickException(f"{path}: {name} has {len(group['values'])} runs for seeds "
+                raise click.ClickException(f"{path}: {group_name} has {len(group['values'])} runs for seeds "
                                            f"{published['seeds']} and no seed_list, so their seeds are unknown")
             seeds = published["seeds"]
-        implementation, method = name.split("/")
+        implementation, method = group_name.split("/")
         found += [(os.path.join(out_dir, run_dir_name(implementation, method, seed)), result)
                   for seed, result in zip(seeds, group["values"])]
     written = 0
@@ -193,9 +201,7 @@ def import_published(path: str, protocol: Protocol, out_dir: str, log) -> int:
         if os.path.exists(target):
             continue
         os.makedirs(run_dir, exist_ok=True)
-        with open(target + ".partial", "w") as fh:
-            json.dump(result, fh, indent=1)
-        os.replace(target + ".partial", target)
+        write_result(target, result)
         written += 1
     log(f"imported {written} finished run(s) from {path}")
     return written
@@ -277,8 +283,7 @@ def run_all(runs: list[Run], protocol: Protocol, data: str | None, jobs: int, th
                 continue
             active.remove(item)
             run.result = collect(run)
-            with open(run.result_path, "w") as fh:
-                json.dump(run.result, fh, indent=1)
+            write_result(run.result_path, run.result)
             log(f"done  {run.label}: final kNN {run.result['final_knn_top1']:.2f}%  "
                 f"({time.monotonic() - started:.0f}s)")
     return True
@@ -315,12 +320,11 @@ def fmt(values: list, digits: int = 2) -> str:
 
 def summarise(runs: list[Run], protocol: Protocol, seeds: list[int]) -> tuple[str, dict]:
     """The Markdown tables and the JSON of every group (implementation, method) over seeds."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    group_seeds: dict[tuple[str, str], list[int]] = {}
+    finished: dict[tuple[str, str], list[Run]] = {}
     for run in runs:
         if run.result is not None:
-            groups.setdefault((run.implementation, run.method), []).append(run.result)
-            group_seeds.setdefault((run.implementation, run.method), []).append(run.seed)
+            finished.setdefault((run.implementation, run.method), []).append(run)
+    groups = {key: [run.result for run in group] for key, group in finished.items()}
     rounds = protocol.rounds + 1
     lines = [f"### {protocol.name}: {protocol.arch}, {rounds} rounds x {protocol.epochs} epochs, batch "
              f"{protocol.batch_size}, seeds {','.join(map(str, seeds))} (mean ± std over seeds)", "",
@@ -336,7 +340,7 @@ def summarise(runs: list[Run], protocol: Protocol, seeds: list[int]) -> tuple[st
                      f"{fmt([r['seconds'] for r in results], 0)} | {fmt([r['images_per_s'] for r in results], 0)} |")
         table[f"{impl}/{method}"] = {
             "seeds": len(results),
-            "seed_list": group_seeds[(impl, method)],   # the seed of each entry of "values"
+            "seed_list": [run.seed for run in finished[(impl, method)]],   # the seed of each entry of "values"
             "final_knn_top1": mean_std([r["final_knn_top1"] for r in results]),
             "best_epoch_knn_top1": mean_std([r["best_epoch_knn_top1"] for r in results]),
             "recomputed_knn_top1": mean_std([r.get("recomputed_knn_top1") for r in results]),
