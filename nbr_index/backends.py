@@ -20,7 +20,7 @@ import torch
 
 from .checks import check_k, resolve_device
 from .errors import InvalidFeaturesError, InvalidParameterError
-from .faiss_backend import default_nlist, flat_knn, import_faiss, ivf_knn, require_faiss_gpu
+from .faiss_backend import default_nlist, faiss_gpu_device, flat_knn, import_faiss, ivf_knn, require_faiss_gpu
 from .features import DEFAULT_CHUNK_READ_ROWS, DEFAULT_IN_MEMORY_BYTES, DEFAULT_NORM_TOLERANCE, open_features
 from .fused import BlockSizes, Progress, Shard, knn_entropy_pass
 
@@ -107,13 +107,13 @@ def knn_entropy(
         # Entropy first: the pass validates every row before FAISS sees them.
         result = knn_entropy_pass(source, 0, tau, **pass_options)
         entropy = result.entropy.numpy()
-        use_gpu = torch_device.type == "cuda"
+        gpu = faiss_gpu_device(torch_device) if torch_device.type == "cuda" else None
         if backend == "faiss":
-            knn = flat_knn(source, k, use_gpu=use_gpu, progress=progress)
+            knn = flat_knn(source, k, gpu=gpu, progress=progress)
             details["recomputed_tie_rows"] = knn.recomputed_rows
         else:
             nlist = nlist or default_nlist(source.n)
-            knn = ivf_knn(source, k, nlist=nlist, nprobe=nprobe, use_gpu=use_gpu, progress=progress)
+            knn = ivf_knn(source, k, nlist=nlist, nprobe=nprobe, gpu=gpu, progress=progress)
             details.update(nlist=nlist, nprobe=min(nprobe, nlist))
             recall = knn.recall
         neighbours, similarities = knn.neighbours, knn.similarities

@@ -8,8 +8,12 @@ Speed (``nbr-index bench``), on the same random unit vectors, in one process:
   (d) matmul only: the tiles the fused pass computes (I <= J, half the matrix) through a bare
       GEMM into a preallocated buffer, scheduled like the pass,
   (e) the full blocked matmul: every tile of the N x N matrix (the GPU target's anchor),
-with peak memory per stage and a check of (c) against (b). Timings on a shared machine are noisy:
-compare the ratios of one run, and use --repeat (the minimum of each stage is reported).
+with peak memory per stage and a check of (c) against (b). On CUDA (c) runs the Triton tile
+kernel and (c') the same pass with torch ops; (c) is checked against (c') on every row's
+neighbours and entropy, and the kernel's register use (compile-only, ``triton_tile.resource_usage``)
+is recorded. Timings on a shared machine are noisy: compare the ratios of one run, and use --repeat
+(the minimum of each stage is reported). Nothing is timed before a warm-up pass has compiled every
+kernel variant the timed stages use.
 
 Memory (``nbr-index bench --mode memory``): writes N random unit
 vectors to a store in a child process, then runs a chunked ``knn_entropy`` on the store's reader
@@ -34,12 +38,22 @@ import torch
 from .backends import knn_entropy
 from .checks import resolve_device
 from .errors import RebuildCancelled
-from .faiss_backend import faiss_gpu_available, import_faiss
+from .faiss_backend import faiss_gpu_available, faiss_gpu_device, import_faiss
 from .features import InMemoryFeatures
 from .fused import (GemmWorker, SuperBlockPair, TileRun, WholePass, default_block_sizes, intra_op_threads,
                     plan_tiles, row_block_count, run_plan, tile_rows)
 from .progress import StderrProgress
 from .reference import unfused_knn_entropy
+
+
+# The GPU target of the rebuild: (c) at most this many times (e), the full blocked matmul.
+FUSED_OVER_FULL_MATMUL_TARGET = 1.6
+# Triton against torch ops on the same GEMM tiles: maxima are exact, so the neighbours agree except
+# where two similarities tie within float32 rounding; the sums differ in their order only.
+TRITON_TIE_GAP = 1e-6
+TRITON_ENTROPY_RELATIVE_TOLERANCE = 1e-5
+# Disagreeing rows whose similarity gap is measured (evenly spaced, when more disagree).
+GAP_SAMPLE_ROWS = 100_000
 
 
 def random_unit_vectors(n: int, dim: int, seed: int = 0) -> torch.Tensor:
@@ -75,9 +89,7 @@ def run_speed_bench(
     faiss_label = _faiss_label(torch_device)
     # CUDA: (c) with the one-read Triton kernel where triton is there, (c') with torch ops.
     tile_kernel = "triton" if torch_device.type == "cuda" and _triton_importable() else "auto"
-    # Warm-up outside the timings: compiles the CPU tile kernel (first use only) or Triton's.
-    knn_entropy(on_device[: min(n, 256)], k=min(k, min(n, 256) - 1), tau=tau, backend="torch", device=device,
-                tile_kernel=tile_kernel)
+    warm_up_rows = _warm_up(on_device, k, tau, device, matmul_precision, tile_kernel)
     for _ in range(repeat):
         if faiss_label is not None:
             outputs["faiss"] = timed("faiss_knn", lambda: _faiss_search(features, k, torch_device))
@@ -85,8 +97,10 @@ def run_speed_bench(
                                                      matmul_precision=matmul_precision, tile_kernel=tile_kernel))
         outputs["fused"] = (fused.neighbours, fused.entropy)
         if torch_device.type == "cuda":  # the same pass with the tile statistics as separate torch ops
-            timed("fused_torch_ops", lambda: knn_entropy(on_device, k=k, tau=tau, backend="torch", device=device,
-                                                         matmul_precision=matmul_precision, tile_kernel="torch"))
+            torch_ops = timed("fused_torch_ops", lambda: knn_entropy(
+                on_device, k=k, tau=tau, backend="torch", device=device, matmul_precision=matmul_precision,
+                tile_kernel="torch"))
+            outputs["fused_torch_ops"] = (torch_ops.neighbours, torch_ops.entropy)
         timed("matmul_only", lambda: _matmul_pass(on_device, full=False))
         timed("matmul_full", lambda: _matmul_pass(on_device, full=True))
         if reference:
@@ -96,7 +110,8 @@ def run_speed_bench(
     report = {
         "n": n, "dim": dim, "k": k, "tau": tau, "device": torch_device.type, "repeat": repeat,
         "threads": torch.get_num_threads(), "matmul_precision": matmul_precision,
-        "faiss": faiss_label, "tile_kernel": fused.details["tile_kernel"], "seconds": seconds, "all_seconds": stages,
+        "faiss": faiss_label, "tile_kernel": fused.details["tile_kernel"], "warm_up_rows": warm_up_rows,
+        "seconds": seconds, "all_seconds": stages,
         "peak_memory_bytes": peaks,
         "peak_memory_kind": (
             "cuda max_memory_allocated above allocated before the stage" if torch_device.type == "cuda"
@@ -109,6 +124,7 @@ def run_speed_bench(
         report["ratios"]["fused_over_faiss"] = fused_seconds / seconds["faiss_knn"]
     report["ratios"]["fused_over_matmul"] = fused_seconds / seconds["matmul_only"]
     report["ratios"]["fused_over_full_matmul"] = fused_seconds / seconds["matmul_full"]
+    report["fused_over_full_matmul_target"] = FUSED_OVER_FULL_MATMUL_TARGET
     if reference:
         report["ratios"]["fused_over_reference"] = fused_seconds / seconds["unfused_reference"]
         ref_neighbours, ref_entropy = outputs["reference"]
@@ -123,7 +139,67 @@ def run_speed_bench(
         }
     if "faiss" in outputs:
         report["check_vs_faiss_top1_agreement"] = float((outputs["fused"][0][:, 0] == outputs["faiss"][:, 0]).mean())
+    if "fused_torch_ops" in outputs:
+        report["check_vs_torch_ops"] = check_against_torch_ops(features, outputs["fused"], outputs["fused_torch_ops"])
+    if report["tile_kernel"] == "triton":
+        report["triton_tile_resources"] = _triton_resources(torch_device)
     return report
+
+
+def warm_up_rows(n: int, block_rows: int) -> int:
+    """Rows of a warm-up pass whose tiles have every (variant, rows, columns) shape that the pass
+    over N rows has: two full row blocks (a full diagonal and a full off-diagonal tile) and the
+    same ragged remainder (the ragged diagonal tile and the full-by-ragged off-diagonal one)."""
+    return min(n, 2 * block_rows + n % block_rows)
+
+
+def _warm_up(features: torch.Tensor, k: int, tau: float, device: str, matmul_precision: str,
+             tile_kernel: str) -> int:
+    """Run the pass(es) of the timed stages once on the first rows, untimed; returns how many rows.
+
+    Compiles the CPU tile kernel (first use only) or, on CUDA, every Triton specialisation the
+    timed pass launches: the diagonal and off-diagonal variants on each tile shape (Triton
+    specialises a tile's row and column counts by their divisibility by 16, so a ragged tile is
+    another compile); see :func:`warm_up_rows`. On CUDA the torch-ops pass (c') is warmed the same way.
+    """
+    n = features.shape[0]
+    rows = warm_up_rows(n, tile_rows(n, default_block_sizes(features.device)))
+    kernels = [tile_kernel] + (["torch"] if tile_kernel == "triton" else [])  # "auto" on CUDA is torch ops
+    for kernel in kernels:
+        knn_entropy(features[:rows], k=min(k, rows - 1), tau=tau, backend="torch", device=device,
+                    matmul_precision=matmul_precision, tile_kernel=kernel)
+    return rows
+
+
+def check_against_torch_ops(features: torch.Tensor, triton_output: tuple, torch_ops_output: tuple) -> dict:
+    """(c) Triton against (c') torch ops, every row: neighbours (wherever the j-th neighbours differ,
+    their similarities must tie within TRITON_TIE_GAP) and entropy (relative error within
+    TRITON_ENTROPY_RELATIVE_TOLERANCE). features: (N, d) float32 on CPU; outputs: (neighbours
+    (N, k) int64, entropy (N,) float32)."""
+    (neighbours, entropy), (expected_neighbours, expected_entropy) = triton_output, torch_ops_output
+    gap = max(_similarity_gap(features, neighbours[:, j], expected_neighbours[:, j]) for j in range(neighbours.shape[1]))
+    relative = float((np.abs(entropy - expected_entropy) / np.abs(expected_entropy)).max())
+    return {
+        "rows": int(len(neighbours)),
+        "neighbours_agreement": float((neighbours == expected_neighbours).mean()),
+        "top1_agreement": float((neighbours[:, 0] == expected_neighbours[:, 0]).mean()),
+        "disagreement_max_similarity_gap": gap,
+        "max_entropy_abs_error": float(np.abs(entropy - expected_entropy).max()),
+        "max_entropy_rel_error": relative,
+        "passed": bool(gap <= TRITON_TIE_GAP and relative <= TRITON_ENTROPY_RELATIVE_TOLERANCE),
+    }
+
+
+def _triton_resources(device: torch.device) -> list[dict] | str:
+    """Registers and spills of both Triton tile variants as launched, compiled for this GPU's
+    architecture (``triton_tile.resource_usage``); a one-line reason when that cannot run."""
+    from .triton_tile import resource_usage
+
+    major, minor = torch.cuda.get_device_capability(device)
+    try:
+        return [resource_usage(diagonal, arch=10 * major + minor) for diagonal in (True, False)]
+    except Exception as error:  # a diagnostic: the timings above stand without it
+        return f"unavailable: {type(error).__name__}: {error}"
 
 
 def _similarity_gap(features: torch.Tensor, picked: np.ndarray, expected: np.ndarray) -> float:
@@ -132,9 +208,14 @@ def _similarity_gap(features: torch.Tensor, picked: np.ndarray, expected: np.nda
     rows = np.nonzero(picked != expected)[0]
     if rows.size == 0:
         return 0.0
-    m = features.numpy().astype(np.float64)
-    gaps = np.abs((m[rows] * m[picked[rows]]).sum(axis=1) - (m[rows] * m[expected[rows]]).sum(axis=1))
-    return float(gaps.max())
+    if rows.size > GAP_SAMPLE_ROWS:  # an evenly spaced sample: only the rows that differ go to float64
+        rows = rows[np.linspace(0, rows.size - 1, GAP_SAMPLE_ROWS).astype(np.int64)]
+    m = features.numpy()
+
+    def similarity(columns: np.ndarray) -> np.ndarray:
+        return (m[rows].astype(np.float64) * m[columns].astype(np.float64)).sum(axis=1)
+
+    return float(np.abs(similarity(picked[rows]) - similarity(expected[rows])).max())
 
 
 def format_speed_report(report: dict) -> str:
@@ -157,6 +238,8 @@ def format_speed_report(report: dict) -> str:
         if key in s:
             lines.append(f"  {label:<58} {s[key]:9.3f} s   peak {peaks[key] / 2**20:9.1f} MiB")
     lines.append("  ratios: " + ", ".join(f"{name} {value:.2f}" for name, value in report["ratios"].items()))
+    lines.append(f"  ratio (c)/(e) {report['ratios']['fused_over_full_matmul']:.2f} "
+                 f"(GPU target <= {report['fused_over_full_matmul_target']})")
     if "check_vs_reference" in report:
         check = report["check_vs_reference"]
         lines.append(
@@ -166,6 +249,26 @@ def format_speed_report(report: dict) -> str:
         )
     if "check_vs_faiss_top1_agreement" in report:
         lines.append(f"  check (c) vs (a): top-1 agreement {report['check_vs_faiss_top1_agreement']:.6f}")
+    if "check_vs_torch_ops" in report:
+        check = report["check_vs_torch_ops"]
+        lines.append(
+            f"  check (c) vs (c'): {'passed' if check['passed'] else 'FAILED'} on {check['rows']} rows: neighbours "
+            f"agreement {check['neighbours_agreement']:.6f}, top-1 {check['top1_agreement']:.6f} (similarity gap "
+            f"<= {check['disagreement_max_similarity_gap']:.1e}, allowed {TRITON_TIE_GAP:.0e}), max entropy "
+            f"error {check['max_entropy_abs_error']:.2e} abs / {check['max_entropy_rel_error']:.2e} rel "
+            f"(allowed {TRITON_ENTROPY_RELATIVE_TOLERANCE:.0e})"
+        )
+    if "triton_tile_resources" in report:
+        resources = report["triton_tile_resources"]
+        if isinstance(resources, str):
+            lines.append(f"  triton tile kernel registers: {resources}")
+        for usage in resources if isinstance(resources, list) else []:
+            lines.append(
+                f"  triton tile kernel {usage['variant']} (sm_{usage['arch']}, {usage['num_warps']} warps, "
+                f"triton {usage['triton']}, ptxas {usage['ptxas']}): {usage['registers']} registers, stack "
+                f"{usage['stack_bytes']} B, spill stores {usage['spill_store_bytes']} B, spill loads "
+                f"{usage['spill_load_bytes']} B"
+            )
     lines.append(f"  peak memory: {report['peak_memory_kind']}")
     return "\n".join(lines)
 
@@ -194,7 +297,7 @@ def _faiss_search(features: torch.Tensor, k: int, device: torch.device) -> np.nd
     data = features.numpy()
     index = faiss.IndexFlatIP(data.shape[1])
     if device.type == "cuda":
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), faiss_gpu_device(device), index)
     index.add(data)
     _, ids = index.search(data, k + 1)
     own = ids == np.arange(len(ids))[:, None]

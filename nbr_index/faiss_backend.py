@@ -47,6 +47,11 @@ def import_faiss():
     return faiss
 
 
+def faiss_gpu_device(device: torch.device) -> int:
+    """The CUDA device index FAISS runs on for ``device`` ("cuda" alone: torch's current device)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def faiss_gpu_available() -> bool:
     try:
         faiss = import_faiss()
@@ -65,10 +70,13 @@ class FaissKnn:
     recomputed_rows: int = 0
 
 
-def flat_knn(source: FeatureSource, k: int, use_gpu: bool = False, progress: Progress | None = None) -> FaissKnn:
-    """Exact k-NN with IndexFlatIP, one database super-block at a time (memory O(block))."""
+def flat_knn(source: FeatureSource, k: int, gpu: int | None = None, progress: Progress | None = None) -> FaissKnn:
+    """Exact k-NN with IndexFlatIP, one database super-block at a time (memory O(block)).
+
+    gpu: the CUDA device index to search on (faiss-gpu), None for CPU.
+    """
     faiss = import_faiss()
-    gpu = _gpu_resources(faiss) if use_gpu else None
+    resources = _gpu_resources(faiss) if gpu is not None else None
     n = source.n
     wanted = k + 1 + TIE_MARGIN
     best_values = torch.full((n, k), -math.inf)
@@ -80,8 +88,8 @@ def flat_knn(source: FeatureSource, k: int, use_gpu: bool = False, progress: Pro
     for block_number, (d_start, d_stop) in enumerate(row_blocks(n, super_rows)):
         database = _as_numpy(source.read(d_start, d_stop))
         index = faiss.IndexFlatIP(source.dim)
-        if gpu is not None:
-            index = faiss.index_cpu_to_gpu(gpu, 0, index)
+        if resources is not None:
+            index = faiss.index_cpu_to_gpu(resources, gpu, index)
         index.add(database)
         asked = min(wanted, d_stop - d_start)
         for q_start, q_stop in row_blocks(n, super_rows):
@@ -116,13 +124,14 @@ def ivf_knn(
     nlist: int | None = None,
     nprobe: int = 32,
     recall_sample: int = 1000,
-    use_gpu: bool = False,
+    gpu: int | None = None,
     seed: int = 0,
     progress: Progress | None = None,
 ) -> FaissKnn:
     """Approximate k-NN with IndexIVFFlat (inner product), for N in the tens of millions.
 
-    nlist: inverted lists, default ~4 sqrt(N); nprobe: lists visited per query. The index holds
+    nlist: inverted lists, default ~4 sqrt(N); nprobe: lists visited per query; gpu: the CUDA
+    device index to search on (faiss-gpu), None for CPU. The index holds
     all N vectors (N d 4 bytes), added one super-block at a time. recall@k against exact search
     is measured on ``recall_sample`` random rows and returned in ``FaissKnn.recall``.
     """
@@ -141,8 +150,8 @@ def ivf_knn(
     # tens of millions of rows (256 per list is FAISS's cap) with little loss in list quality.
     training_rows = np.sort(generator.choice(n, size=min(n, 64 * nlist), replace=False))
     index.train(_gather_rows(source, training_rows))
-    if use_gpu:
-        index = faiss.index_cpu_to_gpu(_gpu_resources(faiss), 0, index)
+    if gpu is not None:
+        index = faiss.index_cpu_to_gpu(_gpu_resources(faiss), gpu, index)
     for start, stop in row_blocks(n, source.read_rows):
         index.add(_as_numpy(source.read(start, stop)))
     index.nprobe = min(nprobe, nlist)

@@ -1,4 +1,5 @@
-"""The CUDA path against the float64 reference (skipped without a GPU; run it on a GPU machine).
+"""The CUDA path against the float64 reference, and the Triton tile kernel against torch ops (skipped
+without a GPU; run it on a GPU machine).
 
     pytest tests/test_nbr_cuda.py && nbr-index bench --device cuda --n 1281167 --no-reference
 """
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from nbr_index import knn_entropy
-from nbr_index.fused import BlockSizes
+from nbr_index.bench import TRITON_ENTROPY_RELATIVE_TOLERANCE, TRITON_TIE_GAP, check_against_torch_ops
+from nbr_index.fused import BlockSizes, default_block_sizes
 from nbr_index.reference import brute_force_knn_entropy
 from tests.helpers import unit_rows
 
@@ -37,6 +39,40 @@ def test_cuda_duplicates_go_to_the_lower_index(tile_kernel):
     rows = unit_rows(30, 16, seed=3)[np.random.default_rng(3).integers(0, 30, 1300)]
     result = knn_entropy(rows, k=3, device="cuda", block_sizes=TILES, tile_kernel=tile_kernel)
     np.testing.assert_array_equal(result.neighbours, brute_force_knn_entropy(rows, 3, 0.1)[0])
+
+
+# Triton against torch ops on the same GEMM tiles, at the tile size the pass runs on CUDA (16,384 rows)
+# and at a small one that is not a multiple of the kernel's 64-row blocks; N is a multiple of neither
+# tile, so every pass has full and ragged diagonal and off-diagonal tiles. Rows 0..99 are copied to
+# the ragged last tile: exact ties across tiles, which both kernels must give to the lower index.
+CUDA_TILE = default_block_sizes(torch.device("cuda")).rows
+TRITON_CASES = {"default_tile": (2 * CUDA_TILE + 3215, None), "ragged_small_tile": (4321, BlockSizes(rows=1000))}
+
+
+@pytest.mark.parametrize("k", [1, 5])
+@pytest.mark.parametrize("case", sorted(TRITON_CASES))
+def test_triton_matches_torch_ops_at_the_default_and_ragged_tiles(case, k):
+    n, tiles = TRITON_CASES[case]
+    assert tiles is not None or CUDA_TILE == 16384
+    rows = unit_rows(n, 128, seed=11)
+    rows[n - 100:] = rows[:100]
+    results = {kernel: knn_entropy(rows, k=k, device="cuda", block_sizes=tiles, tile_kernel=kernel)
+               for kernel in ("triton", "torch")}
+    triton_result, torch_result = results["triton"], results["torch"]
+    assert triton_result.details["tile_kernel"] == "triton" and torch_result.details["tile_kernel"] == "torch"
+    check = check_against_torch_ops(torch.from_numpy(rows), (triton_result.neighbours, triton_result.entropy),
+                                    (torch_result.neighbours, torch_result.entropy))
+    print(case, k, check)
+    # Row maxima are exact: the neighbours may differ only where similarities tie within TRITON_TIE_GAP
+    # (1e-6), and the entropy only by the order of the float32 sums (relative 1e-5).
+    assert check["disagreement_max_similarity_gap"] <= TRITON_TIE_GAP, check
+    assert check["neighbours_agreement"] >= 1 - 1e-3, check
+    assert check["max_entropy_rel_error"] <= TRITON_ENTROPY_RELATIVE_TOLERANCE, check
+    np.testing.assert_allclose(triton_result.similarities, torch_result.similarities, rtol=0, atol=1e-6)
+    copies = np.arange(n - 100, n)
+    for result in (triton_result, torch_result):
+        np.testing.assert_array_equal(result.neighbours[copies, 0], np.arange(100))
+        np.testing.assert_array_equal(result.neighbours[:100, 0], copies)
 
 
 # Bounds on the drift of the opt-in reduced-precision GEMMs (20000 x 128 unit rows, k = 1):

@@ -83,7 +83,11 @@ class World:
         ids = [self.device.index] if self.device.type == "cuda" else None
         # No per-step buffer broadcast: training-mode batch norm reads batch statistics, not
         # the running ones, and sync_buffers makes those equal at every epoch end.
-        return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+        wrapped = DistributedDataParallel(model, device_ids=ids, **_no_forward_buffer_sync())
+        # DDP's own init broadcast of the buffers, which torch < 2.13's broadcast_buffers=False
+        # also turns off: rank 0's buffers on every rank from the first step, in every version.
+        self.sync_buffers(model)
+        return wrapped
 
     def sync_buffers(self, model: torch.nn.Module) -> None:
         """Give every rank rank 0's buffers (batch-norm running statistics), once per epoch.
@@ -118,6 +122,19 @@ class World:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+
+def _no_forward_buffer_sync() -> dict:
+    """DistributedDataParallel's keyword for "no buffer broadcast before each forward":
+    ``forward_sync_buffers=False`` from torch 2.13 (where ``broadcast_buffers`` is deprecated),
+    ``broadcast_buffers=False`` before (torch 2.11 has no ``forward_sync_buffers``)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def pack_indexed(indices: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
