@@ -4,6 +4,7 @@ project's trainer next to the minimal reference (bench/reference_and.py).
     .venv/bin/python bench/accuracy.py --protocol digits --seeds 0,1,2
     .venv/bin/python bench/accuracy.py --protocol cifar10-10k --seeds 0,1,2 --jobs 2
     .venv/bin/python bench/accuracy.py --protocol cifar10-gpu --methods and --seeds 0 --time-budget 540
+    bash bench/gpu_accuracy.sh      # cifar10-gpu-short, AND and Instance, in one 9-minute device command
 
 Every (implementation, method, seed) is one run in its own directory under --out-dir, run as a
 subprocess with --threads torch threads (CPU). A finished run is never run again and an
@@ -26,7 +27,9 @@ Protocols (see bench/README.md):
 - cifar10-10k: the first 1,000 training images of each CIFAR-10 class (sorted file names) from
   ../shared/data/cifar10-jpg.tar.gz, the full test set, smallcnn, 5 rounds x 10 epochs;
 - cifar10-gpu: full CIFAR-10, ResNet18 (CIFAR stem), 5 rounds x 50 epochs (the paper's Nep=50),
-  batch 256, bf16, channels-last, on CUDA.
+  batch 256, bf16, channels-last, on CUDA: for a GPU of one's own (about 12.5M images a run);
+- cifar10-gpu-short: the same at 5 rounds x 10 epochs (2.5M images a run), so that AND and Instance
+  both fit one 9-minute device command (bench/gpu_accuracy.sh).
 """
 from __future__ import annotations
 
@@ -88,6 +91,8 @@ PROTOCOLS = {
     "cifar10-10k": Protocol("cifar10-10k", "cifar10-10k", epochs=10),
     "cifar10-gpu": Protocol("cifar10-gpu", "cifar10", arch="resnet18", epochs=50, batch_size=256, device="cuda",
                             extra_flags=("--precision", "bf16"), reference=False),
+    "cifar10-gpu-short": Protocol("cifar10-gpu-short", "cifar10", arch="resnet18", epochs=10, batch_size=256,
+                                  device="cuda", extra_flags=("--precision", "bf16"), reference=False),
 }
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Fetch, on the development machine, the wheels that bench/gpu_check.sh needs on a GPU machine
-# whose image has torch, click, pyyaml, matplotlib, scikit-learn and fsspec but not zarr or
-# faiss (Python 3.12, x86-64). They land in .whl/ (git-ignored, about 28 MiB); name .whl in the
-# device call's carry list. gpu_check.sh installs them to /tmp/site first.
+# Fetch, on the development machine, the wheels that bench/gpu_check.sh and bench/gpu_accuracy.sh
+# need on a GPU machine whose image has torch, click, pyyaml, matplotlib, scikit-learn and fsspec
+# but not zarr or faiss (Python 3.12, x86-64). They land in .whl/ (git-ignored, about 28 MiB); name
+# .whl in the device call's carry list. Both scripts install them to /tmp/site first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -1,6 +1,6 @@
 """The trainer on a CUDA GPU: the same augmentation as on CPU, a training step that never makes
-the host wait for the GPU (so kernels queue ahead and the GPU is not starved), and short real
-runs in bf16 and with torch.compile. Skipped where no GPU is visible."""
+the host wait for the GPU (so kernels queue ahead and the GPU is not starved), bf16 against fp32
+on one batch, and short real runs in bf16 and with torch.compile. Skipped where no GPU is visible."""
 from __future__ import annotations
 
 import pytest
@@ -66,6 +66,14 @@ def test_a_training_step_never_waits_for_the_gpu(precision):
         torch.use_deterministic_algorithms(deterministic)
     assert torch.isfinite(loss).item()
     torch.testing.assert_close(memory.norm(dim=1), torch.ones(n, device=device))
+
+
+def test_bf16_loss_and_gradient_agree_with_fp32_on_the_gpu():
+    """tests/test_precision.py's comparison of one batch (tolerances derived there) with the GPU's
+    bf16 kernels: features, AND loss and parameter gradient within bf16's rounding."""
+    from tests.test_precision import assert_bf16_agrees_with_fp32, bf16_against_fp32
+
+    assert_bf16_agrees_with_fp32(bf16_against_fp32("cuda"))
 
 
 @pytest.mark.slow

@@ -8,7 +8,9 @@ there, the same precision, memory format and (optionally) torch.compile:
   all N memory rows -> AND loss with every sample an anchor -> SGD step -> EMA update of the bank).
 
 The two are timed in alternating blocks after warm-up (which includes any compilation), and the
-median rate of each is reported with their ratio, all from one run.
+median rate of each is reported with their ratio, all from one run, under the determinism setting
+``trainer run`` trains with (``set_determinism``: deterministic kernels by default, which on a GPU
+can be other, slower convolution and scatter kernels than torch would pick).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from trainer.config import TrainConfig
 from trainer.memory import init_memory
 from trainer.models import build_model, compile_for_training
 from trainer.schedule import make_optimizer
+from trainer.seeding import set_determinism
 from trainer.world import World
 
 WARMUP_STEPS = 3
@@ -30,8 +33,20 @@ BLOCKS = 3
 
 
 def step_speed(arch: str = "smallcnn", size: int = 32, batch: int = 128, n: int = 50000, steps: int = 20,
-               device: str = "cpu", precision: str = "fp32", compile: bool = False) -> dict:
-    """{"supervised": images/s, "AND": images/s, "ratio": AND / supervised}."""
+               device: str = "cpu", precision: str = "fp32", compile: bool = False,
+               deterministic: bool = TrainConfig.deterministic) -> dict:
+    """{"supervised": images/s, "AND": images/s, "ratio": AND / supervised}, measured with torch's
+    deterministic algorithms on or off as ``deterministic`` says (the setting is restored after)."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    set_determinism(deterministic)
+    try:
+        return _measure(arch, size, batch, n, steps, device, precision, compile)
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def _measure(arch: str, size: int, batch: int, n: int, steps: int, device: str, precision: str,
+             compile: bool) -> dict:
     from trainer.loop import network_forward, train_step
     from trainer.round_anchors import RoundAnchors
 
