@@ -66,6 +66,13 @@ def _compute_options(function):
 
 def _rebuild_options(rounds, k, tau, mode, selection, max_anchor_fraction, backend, device, matmul_precision,
                      nprobe, nlist, max_in_memory_gb) -> dict:
+    from .errors import InvalidParameterError
+
+    # nan would compare False everywhere and read as "no limit"; inf is a deliberate "no limit".
+    if math.isnan(max_in_memory_gb) or max_in_memory_gb < 0:
+        raise InvalidParameterError(f"--max-in-memory-gb must be 0 or more (inf: always whole), got {max_in_memory_gb}")
+    if nprobe < 1 or (nlist is not None and nlist < 1):
+        raise InvalidParameterError(f"--nprobe and --nlist must be at least 1, got {nprobe} and {nlist}")
     return dict(
         rounds=rounds, k=k, tau=tau, mode=mode, selection=selection, max_anchor_fraction=max_anchor_fraction,
         backend=backend, device=device,
@@ -90,9 +97,11 @@ def _launch_options(function):
     return function
 
 
-def _check_launch(world_size: int, max_restarts: int) -> None:
+def _check_launch(world_size: int, max_restarts: int, master_port: int) -> None:
     from .launch import LaunchError
 
+    if not 0 <= master_port <= 65535:
+        raise LaunchError(f"--master-port must be a TCP port, 1 to 65535 (0: pick a free one), got {master_port}")
     if world_size < 1:
         raise LaunchError(f"--world-size must be at least 1, got {world_size}")
     if max_restarts < 0:
@@ -113,12 +122,16 @@ def rebuild(store_url, round_, as_json, quiet, world_size, max_restarts, master_
     """Build neighbourhoods/round-ROUND from features/round-(ROUND-1) and publish it.
 
     Idempotent: a round already published is reported, not recomputed. With --world-size W, W
-    workers compute the tiles together and publish the same round one process would.
+    workers compute the tiles together and publish the same round one process would. Curriculum
+    options that disagree with the curriculum the store records (its trainer's) are refused.
     """
     from .launch import launched_by_torchrun
-    from .rebuild import rebuild as run_rebuild
+    from .rebuild import check_agrees_with_curriculum, check_rebuild_arguments, rebuild as run_rebuild
 
     options = _rebuild_options(**options)
+    store = Store.open(store_url)
+    check_rebuild_arguments(store, round_, **options)  # a bad value is named first, by its own check
+    check_agrees_with_curriculum(store, options)  # the round is for the store's trainer
     if launched_by_torchrun():  # an outer torchrun made this process one worker
         from .launch import leave_process_group
         from .shard import join_launcher_group, rebuild_as_worker
@@ -131,13 +144,12 @@ def rebuild(store_url, round_, as_json, quiet, world_size, max_restarts, master_
         if not shard.is_main:
             return
     elif world_size == 1 and max_restarts == 0 and stall_seconds == 0:
-        store = Store.open(store_url)
         progress = None if quiet else StderrProgress(f"nbr-index rebuild round {round_}")
         result = run_rebuild(store, round_, progress=progress, **options)
     else:
         from .shard import rebuild_sharded
 
-        _check_launch(world_size, max_restarts)
+        _check_launch(world_size, max_restarts, master_port)
         result = rebuild_sharded(store_url, round_, world_size, max_restarts=max_restarts, master_port=master_port,
                                  stall_seconds=stall_seconds, quiet=quiet, **options)
     click.echo(json.dumps(result.to_json(), sort_keys=True) if as_json else result.summary())
@@ -163,11 +175,17 @@ def serve(store_url, poll_seconds, once, wait_for_store, until_round, progress_s
 
     Never publishes a round twice or skips one, also across restarts. SIGTERM/SIGINT abandon the
     rebuild in progress (nothing half-published) and exit; exits by itself after the last round.
-    With --world-size W each round is rebuilt by W workers (as rebuild --world-size W).
+    With --world-size W each round is rebuilt by W workers (as rebuild --world-size W). Curriculum
+    options that disagree with the curriculum the store records (its trainer's) are refused.
     """
+    from .errors import InvalidParameterError
     from .serve import configure_logging, serve as run_serve
 
-    _check_launch(world_size, max_restarts)
+    if not (math.isfinite(poll_seconds) and poll_seconds > 0):   # nan polled at 100% CPU, inf raised in a wait
+        raise InvalidParameterError(f"--poll-seconds must be a finite number of seconds above 0, got {poll_seconds}")
+    if not (math.isfinite(progress_seconds) and progress_seconds > 0):
+        raise InvalidParameterError(f"--progress-seconds must be a finite number of seconds above 0, got {progress_seconds}")
+    _check_launch(world_size, max_restarts, master_port)
     configure_logging()
     run_serve(
         store_url, poll_seconds=poll_seconds, once=once, wait_for_store=wait_for_store, until_round=until_round,
@@ -213,12 +231,13 @@ def query(store_url, round_, indices, vectors_file, k, as_json) -> None:
     import numpy as np
 
     from .errors import InvalidFeaturesError
-    from .query import query_store
+    from .query import check_npy_size, query_store
 
     store = Store.open(store_url)
     vectors = None
     if vectors_file is not None:
         try:
+            check_npy_size(vectors_file)   # before np.load allocates what the header claims
             vectors = np.load(vectors_file, allow_pickle=False)
         except FileNotFoundError:
             raise InvalidFeaturesError(f"--vectors {vectors_file} does not exist") from None

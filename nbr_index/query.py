@@ -9,6 +9,8 @@ a rebuild do (Eq 1); query vectors (e.g. ``trainer embed`` of new images) are L2
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,3 +131,30 @@ def _checked_vectors(vectors, dim: int) -> np.ndarray:
     if bad.size:
         raise InvalidFeaturesError(f"query vector {int(bad[0])} is zero or not finite: it has no direction to compare")
     return np.ascontiguousarray(queries / norms[:, None])
+
+
+def check_npy_size(path: str) -> None:
+    """Before ``np.load(path)`` allocates the array a .npy header describes: that array's bytes
+    must be in the file. A header may claim any shape (46 TiB of float32 in 192 bytes), and
+    np.load allocates it before reading a byte: an allocation failure with a traceback, or a swap
+    storm. A file that is not a .npy file is left to np.load to report. OSError (no such file)
+    passes through to the caller."""
+    from numpy.lib import format as npy
+
+    with open(path, "rb") as fh:
+        try:
+            version = npy.read_magic(fh)
+            # Version 3 differs from 2 only in decoding the header as UTF-8 instead of latin-1.
+            read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+            shape, _, dtype = read_header(fh)
+        except ValueError:
+            return
+        data_bytes = os.fstat(fh.fileno()).st_size - fh.tell()
+    if dtype.hasobject:
+        return   # np.load refuses object arrays (allow_pickle=False) before allocating
+    claimed = math.prod(shape) * dtype.itemsize
+    if claimed > data_bytes:
+        raise InvalidFeaturesError(
+            f"--vectors {path}: its .npy header describes a {dtype} array of shape {tuple(shape)} "
+            f"({claimed / 2**30:.3g} GiB), but the file holds {data_bytes} bytes after the header: "
+            f"it is truncated or damaged; write it again (e.g. `trainer embed`)")

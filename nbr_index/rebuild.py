@@ -88,6 +88,29 @@ def store_curriculum(store: Store) -> dict:
     return {**DEFAULT_CURRICULUM, **(store.info.curriculum or {})}
 
 
+# The curriculum parameters rebuild and serve take, by the curriculum's key: their command-line flag.
+CURRICULUM_FLAGS = {"rounds": "--rounds", "k": "--k", "tau": "--tau", "mode": "--mode", "selection": "--selection",
+                    "max_anchor_fraction": "--max-anchor-fraction"}
+
+
+def check_agrees_with_curriculum(store: Store, options: dict) -> None:
+    """Refuse a curriculum parameter of ``options`` (CURRICULUM_FLAGS; None: not given) that
+    differs from the curriculum the store records: the trainer training on the store refuses a
+    round computed with other parameters (``trainer.provenance``), and a published round is never
+    replaced, so such a round would end its run. One line naming both values. A store without a
+    curriculum (``trainer embed``, ``Store.create_or_open`` without one) takes any parameters."""
+    if store.info.curriculum is None:
+        return
+    curriculum = store_curriculum(store)
+    for key, flag in CURRICULUM_FLAGS.items():
+        given = options.get(key)
+        if given is not None and given != curriculum[key]:
+            raise InvalidParameterError(
+                f"{flag} {given} disagrees with the curriculum of store {store.url}, which has {key} = "
+                f"{curriculum[key]}: its trainer would refuse a round computed with it; leave {flag} out "
+                f"(the store's curriculum is the default), or rebuild into a store of its own")
+
+
 @dataclass(frozen=True)
 class _Parameters:
     rounds: int

@@ -5,6 +5,10 @@ published yet. All state lives in the store, so the service is idempotent: resta
 after SIGKILL mid-round) recomputes only unpublished rounds, and storage's atomic publish means a
 round is either fully visible or absent. SIGTERM/SIGINT abandon the rebuild in progress at the
 next block boundary (nothing is published) and exit cleanly; the next start recomputes it.
+Curriculum options that disagree with the store's curriculum are refused (``check_agrees_with_curriculum``),
+when the store is opened and again before each round (a trainer may record a new one meanwhile).
+A rebuild that fails is recorded in the store for the trainer waiting on it, unless another process
+(a second serve, a rebuild) published the round meanwhile: then there is nothing to record.
 A ready file, if asked for, exists exactly while the service watches an open store (a container
 healthcheck tests for it).
 """
@@ -12,17 +16,18 @@ healthcheck tests for it).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from storage import Store, StoreError
+from storage import Store, StoreError, UserError
 
 from .errors import InvalidParameterError, RebuildCancelled
 from .progress import StderrProgress
-from .rebuild import rebuild, store_curriculum
+from .rebuild import check_agrees_with_curriculum, published_result, rebuild, store_curriculum
 from .shard import ProcessGroupShard
 
 log = logging.getLogger("nbr_index.serve")
@@ -62,8 +67,8 @@ def serve(
     stall_seconds: test hook, sleep this long at the start of each rebuild (to kill it mid-round).
     ready_file: a path created once the store is open and watched, and removed on return.
     """
-    if poll_seconds <= 0:
-        raise InvalidParameterError(f"poll seconds must be positive, got {poll_seconds}")
+    if not (math.isfinite(poll_seconds) and poll_seconds > 0):   # nan would poll at 100% CPU
+        raise InvalidParameterError(f"poll seconds must be a finite number above 0, got {poll_seconds}")
     from .launch import launched_by_torchrun, leave_process_group
 
     if launched_by_torchrun():
@@ -80,6 +85,7 @@ def serve(
             store = _wait_for_store(store_url, poll_seconds, wait, stop)
             if store is None:
                 return ServeOutcome(published, stopped=True)
+            check_agrees_with_curriculum(store, rebuild_options)
             last = _last_round(store, until_round, rebuild_options.get("rounds"))
             if shard.is_main:
                 log.info("serving %s: rounds 1..%d, polling every %.1f s%s", store.url, last, poll_seconds,
@@ -98,6 +104,8 @@ def serve(
                     stop.wait(poll_seconds)
                     continue
                 log.info("features round %d is complete: rebuilding neighbourhood round %d", decision - 1, decision)
+                store = Store.open(store.url)  # the curriculum as the trainer records it now
+                check_agrees_with_curriculum(store, rebuild_options)
                 result = _build_recording_failure(build, store, decision, stop, shard)
                 if result is None:
                     log.info("signal received: round %d abandoned before publishing (a restart redoes it)", decision)
@@ -113,15 +121,37 @@ def serve(
 def _build_recording_failure(build, store: Store, round: int, stop: threading.Event, shard: ProcessGroupShard):
     """build(store, round, stop), with its error recorded in the store before it propagates: a
     trainer waiting for ``round`` (``--index service``) then stops with that error at once instead
-    of waiting out its timeout for a round that will not come."""
+    of waiting out its timeout for a round that will not come. A build that failed while another
+    process published the round (a second serve won the race) records nothing: the round is there."""
     if shard.is_main:
         store.clear_index_failure(round)
     try:
         return build(store, round, stop)
     except Exception as err:
+        if round in store.published_rounds():
+            log.info("round %d was published by another process while this one failed (%s): using it",
+                     round, _one_line(f"{type(err).__name__}: {err}"))
+            return published_result(store, round, published=False)
         if shard.is_main:
-            store.record_index_failure(round, f"{type(err).__name__}: {err}")
+            _record_failure(store, round, err)
         raise
+
+
+def _record_failure(store: Store, round: int, err: Exception) -> None:
+    """Record ``err`` for the trainer waiting on ``round``. Where the store cannot take the record
+    either (read-only, full), the error raised names what failed first, then that it went unrecorded."""
+    try:
+        store.record_index_failure(round, f"{type(err).__name__}: {err}")
+    except UserError as unrecorded:
+        if not isinstance(err, UserError):
+            log.info("could not record the failure of round %d: %s", round, unrecorded)
+            return  # the original error propagates, as it is
+        raise type(err)(f"{_one_line(err)} (nor could this failure be recorded for a trainer waiting on the round: "
+                        f"{_one_line(unrecorded)})") from err
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
 
 
 # What to do next, besides a round number to rebuild.

@@ -12,7 +12,7 @@ from storage.location import Location
 from storage.publish import node_attrs
 
 #: Bulky or internal attrs left out of the description.
-_HIDDEN = ("digests", "digest")
+_HIDDEN = ("digests", "digest", "decoding")
 
 
 def describe_store(location: Location, info) -> dict:

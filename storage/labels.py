@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
-from storage.checksums import (DIGEST_NAME, combine, from_hex, read_verified, row_chunk_digests,
-                               to_hex)
+from storage.checksums import (DIGEST_NAME, combine, decoding_metadata, open_recorded_array,
+                               read_verified, recorded_decoding, recorded_digests, row_chunk_digests,
+                               to_hex, unreadable_node)
 from storage.errors import StoreError
 from storage.layout import LABELS
 from storage.location import Location
@@ -34,18 +35,23 @@ def write_labels(location: Location, n: int, chunk_rows: int, labels: np.ndarray
                                    attributes={"complete": False},
                                    config={"write_empty_chunks": True})
         stored[...] = labels
-        mark_complete(location, path, {"checksum": checksum, "digest": DIGEST_NAME, "digests": to_hex(digests)})
+        mark_complete(location, path, {"checksum": checksum, "digest": DIGEST_NAME, "digests": to_hex(digests),
+                                       "decoding": decoding_metadata(stored)})
 
     with store_io(location, "write labels"):
         publish_node(location, LABELS, write)
 
 
 def read_labels(location: Location) -> np.ndarray | None:
-    """(N,) int64, or None if the store has no (complete) labels."""
+    """(N,) int64, or None if the store has no (complete) labels; StoreError if they are damaged
+    (their zarr.json unreadable or edited, a chunk corrupted)."""
     attrs = node_attrs(location, LABELS)
+    if attrs is None and (damage := unreadable_node(location, LABELS)):
+        raise StoreError(f"the labels cannot be opened: {damage}")
     if not attrs or attrs.get("complete") is not True:
         return None
+    digests = recorded_digests(LABELS, attrs)
     with store_io(location, "read labels"):
-        stored = zarr.open_array(location.zarr_store, path=LABELS, mode="r")
-        return read_verified(stored, LABELS, from_hex(attrs["digests"]), stored.chunks[0],
-                             0, stored.shape[0])
+        # The labels are an array node: the decoding metadata is recorded in its own attrs.
+        stored = open_recorded_array(location, LABELS, recorded_decoding(attrs), digests)
+        return read_verified(stored, LABELS, digests, stored.chunks[0], 0, stored.shape[0])

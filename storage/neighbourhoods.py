@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import zarr
 
-from storage.checksums import (DIGEST_NAME, combine, from_hex, read_verified, row_chunk_digests,
-                               to_hex)
+from storage.checksums import (DIGEST_NAME, combine, decoding_metadata, open_recorded_array,
+                               read_verified, recorded_decoding, recorded_digests, row_chunk_digests,
+                               to_hex, unreadable_node)
 from storage.errors import StoreError
 from storage.layout import NEIGHBOUR_ARRAYS, NEIGHBOURHOODS, failure_path, neighbourhoods_path, parse_round_name
 from storage.location import Location
@@ -23,9 +24,9 @@ from storage.validate import check_array, check_index_range, check_round, jsonab
 #: What the publisher must say about how a round was computed.
 REQUIRED_ATTRS = ("tau", "fraction", "mode", "source_features_round", "backend", "seconds")
 #: Written by storage itself; callers may not set them.
-RESERVED_ATTRS = ("complete", "checksum", "digest", "digests")
+RESERVED_ATTRS = ("complete", "checksum", "digest", "digests", "decoding")
 #: Attrs that stay internal to storage (read_neighbourhoods does not return them).
-_INTERNAL_ATTRS = ("complete", "digest", "digests")
+_INTERNAL_ATTRS = ("complete", "digest", "digests", "decoding")
 
 
 @dataclass
@@ -69,6 +70,7 @@ def publish_neighbourhoods(location: Location, n: int, chunk_rows: int, round: i
     def write(path: str) -> None:
         group = zarr.create_group(location.zarr_store, path=path,
                                   attributes={**record, "complete": False})
+        decoding = {}
         for name in NEIGHBOUR_ARRAYS:
             array = arrays[name]
             stored = group.create_array(name, shape=array.shape,
@@ -76,8 +78,10 @@ def publish_neighbourhoods(location: Location, n: int, chunk_rows: int, round: i
                                         dtype=array.dtype, fill_value=0,
                                         config={"write_empty_chunks": True})
             stored[...] = array
+            decoding[name] = decoding_metadata(stored)   # readers compare the zarr.json with it
         mark_complete(location, path, {"checksum": checksum, "digest": DIGEST_NAME,
-                                       "digests": {name: to_hex(digests[name]) for name in NEIGHBOUR_ARRAYS}})
+                                       "digests": {name: to_hex(digests[name]) for name in NEIGHBOUR_ARRAYS},
+                                       "decoding": decoding})
 
     with store_io(location, f"publish neighbourhood round {round}"):
         return publish_node(location, neighbourhoods_path(round), write)
@@ -107,24 +111,23 @@ def read_neighbourhoods(location: Location, round: int) -> Neighbourhoods:
     round = check_round(round, "neighbourhood round", minimum=1)
     path = neighbourhoods_path(round)
     attrs = node_attrs(location, path)
+    if attrs is None and (damage := unreadable_node(location, path)):
+        raise StoreError(f"neighbourhood round {round} cannot be opened: {damage}")
     if not attrs or attrs.get("complete") is not True:
         have = published_rounds(location)
         raise StoreError(f"neighbourhood round {round} is not published in store {location.url} "
                          f"(published: {have or 'none'}): run `nbr-index rebuild --round {round}`")
-    chunk_rows = _chunk_rows(location, path)
+    digests = recorded_digests(path, attrs, NEIGHBOUR_ARRAYS)
     with store_io(location, f"read neighbourhood round {round}"):
         arrays = {}
         for name in NEIGHBOUR_ARRAYS:
-            stored = zarr.open_array(location.zarr_store, path=f"{path}/{name}", mode="r")
-            arrays[name] = read_verified(stored, f"{path}/{name}", from_hex(attrs["digests"][name]),
-                                         chunk_rows, 0, stored.shape[0])
+            # Checked against the metadata recorded at publish: the chunk grid read here is the one written.
+            stored = open_recorded_array(location, f"{path}/{name}", recorded_decoding(attrs, name),
+                                         digests[name])
+            arrays[name] = read_verified(stored, f"{path}/{name}", digests[name], stored.chunks[0],
+                                         0, stored.shape[0])
     public = {key: value for key, value in attrs.items() if key not in _INTERNAL_ATTRS}
     return Neighbourhoods(round=round, attrs=public, **arrays)
-
-
-def _chunk_rows(location: Location, path: str) -> int:
-    """Rows per chunk of a published round (from its arrays, so it survives a layout change)."""
-    return zarr.open_array(location.zarr_store, path=f"{path}/entropy", mode="r").chunks[0]
 
 
 def published_rounds(location: Location) -> list[int]:

@@ -2,16 +2,20 @@
 
 Flow (every rank holds the whole bank, shape (N, d) float32):
 
-1. rank 0: ``prepare_features(r)`` creates an empty snapshot at its writing path (the staging
-   name on local disk, the final name elsewhere), wiping what a killed earlier attempt left;
-2. barrier; every rank w: ``write_feature_chunks(r, bank, w, W)`` writes the row chunks
+1. rank 0: ``prepare_features(r, writer)`` creates an empty snapshot at its writing path (on
+   local disk the staging name of ``writer``, the run's id shared by its ranks; the final name
+   elsewhere), wiping what a killed earlier attempt of the same writer left there, never
+   another writer's staging;
+2. barrier; every rank w: ``write_feature_chunks(r, bank, w, W, writer)`` writes the row chunks
    c with c % W == w, each followed by its digest in that chunk's own zarr chunk of ``digests``,
    so no two ranks ever write the same object;
-3. barrier; one process: ``complete_features(r)`` checks every digest is present, records the
+3. barrier; one process: ``complete_features(r, writer)`` checks every digest is present, records the
    snapshot checksum and the digests in the attrs, sets ``complete`` and (local) renames the
    snapshot into place.
 
-A complete snapshot is immutable: preparing or writing it again does nothing.
+A complete snapshot is immutable: preparing or writing it again does nothing. Staging of other,
+dead writers is removed by :func:`remove_dead_staging`, which only the holder of the store's
+writer lease calls (then no other writer is alive).
 """
 
 from __future__ import annotations
@@ -20,22 +24,26 @@ import numpy as np
 import zarr
 
 from storage.checksums import (DIGEST_NAME, DIGEST_SIZE, MISSING, chunk_digest, combine,
-                               from_hex, read_verified, to_hex)
+                               decoding_metadata, open_recorded_array, read_verified,
+                               recorded_decoding, recorded_digests, to_hex, unreadable_node)
 from storage.errors import StoreError
 from storage.layout import (DIGESTS, FEATURES, ROWS, chunk_bounds, chunk_key, features_path,
-                            features_staging_path, n_chunks, parse_round_name)
+                            features_staging_path, is_writer_id, n_chunks, parse_round_name,
+                            parse_staging_name)
 from storage.location import Location, one_line
 from storage.publish import is_complete, mark_complete, node_attrs, store_io
 from storage.validate import check_array, check_rank, check_round
 
 
-def writing_path(location: Location, round: int) -> str:
-    """Where the ranks write snapshot ``round`` before it is complete."""
-    return features_staging_path(round) if location.is_local else features_path(round)
+def writing_path(location: Location, round: int, writer: str) -> str:
+    """Where the ranks of ``writer`` write snapshot ``round`` before it is complete."""
+    if not is_writer_id(writer):
+        raise StoreError(f"writer id must be 1-64 letters, digits, '_', '.' or '-', got {writer!r}")
+    return features_staging_path(round, writer) if location.is_local else features_path(round)
 
 
-def prepare_features(location: Location, n: int, dim: int, chunk_rows: int, round: int) -> None:
-    """Create an empty snapshot for ``round`` for the writers (one process, before them).
+def prepare_features(location: Location, n: int, dim: int, chunk_rows: int, round: int, writer: str) -> None:
+    """Create an empty snapshot for ``round`` for the ranks of ``writer`` (one process, before them).
 
     Creates a group with ``rows`` (n, dim) float32 in chunks of ``chunk_rows`` rows and
     ``digests`` (n_chunks, 32) uint8 with one zarr chunk per row chunk. Nothing happens if the
@@ -44,9 +52,10 @@ def prepare_features(location: Location, n: int, dim: int, chunk_rows: int, roun
     round = check_round(round, "features round")
     if is_complete(location, features_path(round)):
         return
-    path = writing_path(location, round)
+    path = writing_path(location, round, writer)
     with store_io(location, f"prepare features round {round}"):
-        # A stale attempt may hold digests of a different bank: never mix it with this one.
+        # A stale attempt of this writer may hold digests of a different bank: never mix it with
+        # this one. (Only its own: other writers' staging is never touched here.)
         location.remove(path)
         group = zarr.create_group(location.zarr_store, path=path, attributes={
             "round": round, "n": n, "dim": dim, "chunk_rows": chunk_rows, "complete": False})
@@ -59,7 +68,7 @@ def prepare_features(location: Location, n: int, dim: int, chunk_rows: int, roun
 
 
 def write_feature_chunks(location: Location, n: int, dim: int, chunk_rows: int, round: int,
-                         bank: np.ndarray, rank: int, world_size: int) -> int:
+                         bank: np.ndarray, rank: int, world_size: int, writer: str) -> int:
     """Write the row chunks c with ``c % world_size == rank`` of ``bank`` (n, dim) float32.
 
     Each chunk is followed by its digest, so a present digest always means its rows are in the
@@ -70,7 +79,7 @@ def write_feature_chunks(location: Location, n: int, dim: int, chunk_rows: int, 
     check_array("bank", bank, (n, dim), "float32")
     if is_complete(location, features_path(round)):
         return 0
-    path = writing_path(location, round)
+    path = writing_path(location, round, writer)
     try:
         rows = zarr.open_array(location.zarr_store, path=f"{path}/{ROWS}", mode="r+")
         digests = zarr.open_array(location.zarr_store, path=f"{path}/{DIGESTS}", mode="r+")
@@ -92,7 +101,7 @@ def write_feature_chunks(location: Location, n: int, dim: int, chunk_rows: int, 
     return written
 
 
-def complete_features(location: Location, round: int) -> str:
+def complete_features(location: Location, round: int, writer: str) -> str:
     """Check every chunk digest is present, record the checksum, make the snapshot visible.
 
     Returns the snapshot checksum (hex). Idempotent: a complete round returns its checksum.
@@ -101,7 +110,7 @@ def complete_features(location: Location, round: int) -> str:
     final = features_path(round)
     if is_complete(location, final):
         return node_attrs(location, final)["checksum"]
-    path = writing_path(location, round)
+    path = writing_path(location, round, writer)
     try:
         group = zarr.open_group(location.zarr_store, path=path, mode="r+")
         recorded = group[DIGESTS][...]
@@ -117,14 +126,35 @@ def complete_features(location: Location, round: int) -> str:
         raise StoreError(f"features round {round} is missing chunks {shown} of {len(digests)}: "
                          f"chunk c is written by rank c % world_size; did every rank finish?")
     checksum = combine(digests)
+    # How the arrays decode, as written: every reader compares their zarr.json with it.
+    decoding = {name: decoding_metadata(group[name]) for name in (ROWS, DIGESTS)}
     with store_io(location, f"complete features round {round}"):
         # The digests go into the attrs too: readers verify chunks without reading `digests`.
-        mark_complete(location, path, {"checksum": checksum, "digest": DIGEST_NAME, "digests": to_hex(digests)})
+        mark_complete(location, path, {"checksum": checksum, "digest": DIGEST_NAME, "digests": to_hex(digests),
+                                       "decoding": decoding})
         if location.is_local and not location.rename(path, final):
             # Someone completed it concurrently; theirs is the published one.
             location.remove(path)
             return node_attrs(location, final)["checksum"]
     return checksum
+
+
+def remove_dead_staging(location: Location, writer: str) -> list[str]:
+    """Remove every feature staging directory not of ``writer``; returns their paths.
+
+    Only for the holder of the store's writer lease (then every other writer is dead: what it
+    staged will never be completed). Object stores stage nothing: [] there.
+    """
+    if not location.is_local:
+        return []
+    removed = []
+    for name in location.list_dir(FEATURES):
+        staged = parse_staging_name(name)
+        if staged is not None and staged[1] != writer:
+            with store_io(location, "remove a dead writer's feature staging"):
+                location.remove(f"{FEATURES}/{name}")
+            removed.append(f"{FEATURES}/{name}")
+    return removed
 
 
 def complete_feature_rounds(location: Location) -> list[int]:
@@ -147,8 +177,9 @@ class FeatureReader:
         self.chunk_rows = int(attrs["chunk_rows"])
         self.checksum = str(attrs["checksum"])
         self._path = f"{features_path(round)}/{ROWS}"
-        self._digests = from_hex(attrs["digests"])
-        self._rows = zarr.open_array(location.zarr_store, path=self._path, mode="r")
+        self._digests = recorded_digests(features_path(round), attrs)
+        self._rows = open_recorded_array(location, self._path, recorded_decoding(attrs, ROWS),
+                                         self._digests)
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) as (stop - start, dim) float32."""
@@ -171,6 +202,8 @@ class FeatureReader:
 def feature_reader(location: Location, round: int) -> FeatureReader:
     round = check_round(round, "features round")
     attrs = node_attrs(location, features_path(round))
+    if attrs is None and (damage := unreadable_node(location, features_path(round))):
+        raise StoreError(f"features round {round} cannot be opened: {damage}")
     if not attrs or attrs.get("complete") is not True:
         have = complete_feature_rounds(location)
         raise StoreError(f"features round {round} is not complete in store {location.url} "

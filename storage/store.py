@@ -7,6 +7,7 @@ one module per concern: snapshots (features), neighbourhoods, labels, verify, de
 from __future__ import annotations
 
 import numbers
+import uuid
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -17,12 +18,14 @@ from storage import labels as _labels
 from storage import neighbourhoods as _nbr
 from storage import snapshots as _snap
 from storage import verify as _verify
+from storage.checksums import rows_checksum
 from storage.errors import StoreError
 from storage.layout import (DEFAULT_CHUNK_ROWS, FEATURES, LABELS, NEIGHBOURHOODS, SCHEMA_VERSION,
-                            TMP_PREFIX)
+                            TMP_PREFIX, WRITER_LEASE, WRITER_LEASE_LOCK, is_writer_id)
+from storage.lease import LeaseWatch, WriterLease
 from storage.location import Location, one_line, open_location
 from storage.publish import node_attrs, store_io
-from storage.validate import check_array, check_round, jsonable
+from storage.validate import check_array, check_readable, check_root_attrs, check_round, jsonable
 
 #: Keys the trainer's curriculum must carry.
 CURRICULUM_KEYS = ("rounds", "k", "tau", "mode")
@@ -55,6 +58,29 @@ class Store:
         self._location = location
         self.info = info
         self.url = location.url
+        # Names this handle's feature staging; unique unless a run gives its ranks one (write_as).
+        self.writer = uuid.uuid4().hex
+        self._lease: WriterLease | LeaseWatch | None = None
+
+    def write_as(self, writer: str, lease: WriterLease | LeaseWatch | None = None) -> "Store":
+        """Write feature snapshots as ``writer`` (a training run's id: its ranks share it, so they
+        fill one staging snapshot together) and, given the ``lease`` this process holds (or its
+        launcher's, watched), check before every write that the run still holds it (StoreError
+        otherwise). Returns self."""
+        if not is_writer_id(writer):
+            raise StoreError(f"writer id must be 1-64 letters, digits, '_', '.' or '-', got {writer!r}")
+        self.writer, self._lease = writer, lease
+        return self
+
+    def _may_write(self) -> None:
+        if self._lease is not None:
+            self._lease.check()
+
+    def remove_dead_staging(self) -> list[str]:
+        """Remove the feature staging of every other writer (killed runs); returns their paths.
+        Only for the holder of the writer lease: no other writer is alive then."""
+        self._may_write()
+        return _snap.remove_dead_staging(self._location, self.writer)
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -133,6 +159,7 @@ class Store:
     @classmethod
     def _open_location(cls, location: Location) -> "Store":
         url = location.url
+        check_readable(location, ("", FEATURES, NEIGHBOURHOODS))
         if not location.exists("zarr.json"):
             raise StoreError(f"no store at {url}: check the --store path "
                              f"(`trainer run` creates the store)")
@@ -142,9 +169,16 @@ class Store:
         if "schema_version" not in attrs:
             raise StoreError(f"{url} is a zarr hierarchy but not an AND store "
                              f"(no schema_version attribute): check the --store path")
+        check_root_attrs(url, attrs)
         if attrs["schema_version"] > SCHEMA_VERSION:
             raise StoreError(f"store {url} has schema version {attrs['schema_version']}, this "
                              f"code reads up to {SCHEMA_VERSION}: upgrade and-nbr")
+        if isinstance(attrs["schema_version"], int) and attrs["schema_version"] < SCHEMA_VERSION:
+            # Its digests do not cover the arrays' decoding metadata: what it returns cannot be trusted.
+            raise StoreError(f"store {url} was written by an older and-nbr (schema version "
+                             f"{attrs['schema_version']}, this code reads {SCHEMA_VERSION}), whose "
+                             f"checksums do not cover how its arrays decode: train again into a new "
+                             f"--store (or write one with `trainer embed --store`)")
         try:
             info = StoreInfo(n=int(attrs["n"]), dim=int(attrs["dim"]),
                              dataset_id=str(attrs["dataset_id"]),
@@ -163,6 +197,7 @@ class Store:
     # ------------------------------------------------------------------ labels
     def write_labels(self, labels: np.ndarray) -> None:
         """labels: (N,) int64, for reporting neighbourhood consistency only."""
+        self._may_write()
         _labels.write_labels(self._location, self.info.n, self.info.chunk_rows, labels)
 
     def read_labels(self) -> np.ndarray | None:
@@ -172,20 +207,23 @@ class Store:
     # -------------------------------------------------------- feature snapshots
     def prepare_features(self, round: int) -> None:
         """One process (rank 0), before the writers: an empty snapshot for ``round``."""
+        self._may_write()
         _snap.prepare_features(self._location, self.info.n, self.info.dim,
-                               self.info.chunk_rows, round)
+                               self.info.chunk_rows, round, self.writer)
 
     def write_feature_chunks(self, round: int, bank: np.ndarray, rank: int,
                              world_size: int) -> int:
         """bank: (N, d) float32, the whole memory bank; writes the chunks c with
         c % world_size == rank and their digests; returns the number of chunks written
         (0 if the round is already complete: a complete snapshot is never overwritten)."""
+        self._may_write()
         return _snap.write_feature_chunks(self._location, self.info.n, self.info.dim,
-                                          self.info.chunk_rows, round, bank, rank, world_size)
+                                          self.info.chunk_rows, round, bank, rank, world_size, self.writer)
 
     def complete_features(self, round: int) -> str:
         """One process, after all writers: check, record the checksum, make visible."""
-        return _snap.complete_features(self._location, round)
+        self._may_write()
+        return _snap.complete_features(self._location, round, self.writer)
 
     def write_features(self, round: int, bank: np.ndarray) -> str:
         """Single-process write of a whole snapshot; returns its checksum."""
@@ -195,6 +233,13 @@ class Store:
         self.prepare_features(round)
         self.write_feature_chunks(round, bank, 0, 1)
         return self.complete_features(round)
+
+    def features_checksum(self, rows: np.ndarray) -> str:
+        """The checksum features/round-r records once ``rows`` (N, d) float32 is written as it,
+        computed in memory (O(N d), nothing read): what a run compares a snapshot or a round's
+        ``source_checksum`` with to know they are its own."""
+        check_array("rows", rows, (self.info.n, self.info.dim), "float32")
+        return rows_checksum(rows, self.info.chunk_rows)
 
     def feature_reader(self, round: int) -> _snap.FeatureReader:
         return _snap.feature_reader(self._location, round)
@@ -211,6 +256,7 @@ class Store:
                                anchor: np.ndarray, attrs: dict) -> bool:
         """neighbours (N, k) int64, entropy (N,) float32, anchor (N,) bool; atomic to readers;
         False (nothing changed) if the round is already published."""
+        self._may_write()
         return _nbr.publish_neighbourhoods(self._location, self.info.n, self.info.chunk_rows,
                                            round, neighbours, entropy, anchor, attrs)
 
@@ -261,7 +307,7 @@ def _check_curriculum(curriculum: object) -> dict | None:
 
 def _refuse_foreign_directory(location: Location) -> None:
     """Refuse to turn a directory holding unrelated files into a store."""
-    ours = {"zarr.json", FEATURES, NEIGHBOURHOODS, LABELS}
+    ours = {"zarr.json", FEATURES, NEIGHBOURHOODS, LABELS, WRITER_LEASE, WRITER_LEASE_LOCK}
     # zarr writes zarr.json via a temporary "zarr.json.<uuid>.partial" file: a rank creating the
     # store concurrently may have one in flight.
     foreign = [name for name in location.list_dir("")
@@ -270,3 +316,15 @@ def _refuse_foreign_directory(location: Location) -> None:
         raise StoreError(f"{location.url} holds other files ({', '.join(foreign[:3])}"
                          f"{', ...' if len(foreign) > 3 else ''}) but no store: "
                          f"use an empty or new directory for --store")
+
+
+def check_store_writable(url: str) -> None:
+    """StoreError (one line) if this process could not create or write a store at ``url``: a
+    directory holding other files but no store, a read-only file system, no permission, a path
+    under a regular file. Tried, not guessed (root ignores permission bits); leaves nothing."""
+    location = open_location(url)
+    if not location.exists("zarr.json"):
+        _refuse_foreign_directory(location)
+    problem = location.write_problem()
+    if problem is not None:
+        raise StoreError(f"store {url} cannot be written ({problem}): use a writable --store")

@@ -7,6 +7,7 @@ caller's business.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import numbers
@@ -83,3 +84,42 @@ def jsonable(value: object, name: str) -> object:
     except (TypeError, ValueError) as err:
         raise StoreError(f"{name} must be JSON-serialisable: {err}") from err
     return converted
+
+
+def check_readable(location, paths: tuple[str, ...]) -> None:
+    """StoreError (one line) unless every directory of ``paths`` (relative to the store root, ""
+    for the root) can be listed: a store whose root or round folders cannot be read (no
+    permission, a symbolic link loop, an I/O error) is refused, rather than reported as holding
+    nothing (or failing with a traceback) by ``verify``, ``describe`` and the readers."""
+    for path in paths:
+        try:
+            location.list_dir(path)
+        except OSError as err:
+            where = f"{location.url}/{path}" if path else location.url
+            fix = {errno.EACCES: "give this user read access to the whole store",
+                   errno.EPERM: "give this user read access to the whole store",
+                   errno.ELOOP: "a symbolic link there leads back to itself: fix or remove it"}
+            raise StoreError(f"store {where} cannot be read ({err.strerror or type(err).__name__}): "
+                             f"{fix.get(err.errno, 'check the --store path and the disk')}") from None
+
+
+def check_root_attrs(url: str, attrs: dict) -> None:
+    """The root attrs of the store at ``url`` must be what ``Store.create_or_open`` writes: a
+    hand-edited or damaged zarr.json is refused in one line before anything compares, divides or
+    indexes with them (a string schema_version once failed a comparison with a traceback, and
+    chunk_rows 0 passed ``verify`` as ok)."""
+    def damaged(problem: str) -> StoreError:
+        return StoreError(f"{url}/zarr.json {problem}: the store is damaged (recreate it, or restore zarr.json)")
+
+    for name in ("schema_version", "n", "dim", "chunk_rows"):
+        if name not in attrs:
+            raise damaged(f"lacks the {name} attribute")
+        value = attrs[name]
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise damaged(f"has {name} = {value!r}, expected a positive integer")
+    dataset_id = attrs.get("dataset_id")
+    if not isinstance(dataset_id, str) or not dataset_id:
+        raise damaged(f"has dataset_id = {dataset_id!r}, expected a non-empty string")
+    curriculum = attrs.get("curriculum")
+    if curriculum is not None and not isinstance(curriculum, dict):
+        raise damaged(f"has curriculum = {curriculum!r}, expected a mapping or null")

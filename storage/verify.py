@@ -1,7 +1,9 @@
 """Re-reading every complete node and checking it against the digests recorded when it was written.
 
 Each problem is one line that starts with the store key at fault, e.g.
-``features/round-0002/rows/c/3/0: contents do not match the recorded digest``.
+``features/round-0002/rows/c/3/0: contents do not match the recorded digest`` or
+``neighbourhoods/round-0001/neighbours/zarr.json: data_type is "float64" but was "int64" when written``
+(an array's decoding metadata is compared with what its node recorded when it was written).
 A chunk that cannot even be decoded (a flipped byte in a compressed chunk often breaks the
 codec) is reported the same way. Verification reads one chunk at a time, so memory stays at one
 chunk whatever N is.
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import zarr
 
-from storage.checksums import chunk_digest, combine
+from storage.checksums import chunk_digest, combine, decoding_differences, recorded_decoding
 from storage.layout import (DIGESTS, FEATURES, LABELS, NEIGHBOUR_ARRAYS, NEIGHBOURHOODS, ROWS,
                             chunk_bounds, chunk_key, features_path, n_chunks,
                             neighbourhoods_path, parse_round_name)
@@ -44,7 +46,8 @@ def verify_store(location: Location, info) -> VerifyReport:
         if attrs is not None and _is_checkable(location, LABELS, attrs, report):
             digests = _recorded_digests(LABELS, attrs, report)
             if digests is not None:
-                _verify_array(location, LABELS, digests, (info.n,), "int64", report)
+                _verify_array(location, LABELS, digests, (info.n,), "int64", recorded_decoding(attrs),
+                              report)
             report.checked.append(LABELS)
 
     for round in _rounds(location, FEATURES):
@@ -55,8 +58,9 @@ def verify_store(location: Location, info) -> VerifyReport:
         digests = _recorded_digests(path, attrs, report)
         if digests is not None:
             _verify_array(location, f"{path}/{ROWS}", digests, (info.n, info.dim), "float32",
-                          report)
-            _verify_digest_records(location, f"{path}/{DIGESTS}", digests, report)
+                          recorded_decoding(attrs, ROWS), report)
+            _verify_digest_records(location, f"{path}/{DIGESTS}", digests,
+                                   recorded_decoding(attrs, DIGESTS), report)
         report.checked.append(path)
 
     for round in _rounds(location, NEIGHBOURHOODS):
@@ -70,7 +74,8 @@ def verify_store(location: Location, info) -> VerifyReport:
                       "entropy": ((info.n,), "float32"), "anchor": ((info.n,), "bool")}
             for name in NEIGHBOUR_ARRAYS:
                 shape, dtype = shapes[name]
-                _verify_array(location, f"{path}/{name}", digests[name], shape, dtype, report)
+                _verify_array(location, f"{path}/{name}", digests[name], shape, dtype,
+                              recorded_decoding(attrs, name), report)
         report.checked.append(path)
     return report
 
@@ -121,11 +126,9 @@ def _recorded_digests(path: str, attrs: dict, report: VerifyReport, names=None):
 
 
 def _verify_array(location: Location, path: str, digests: list[bytes], shape: tuple,
-                  dtype: str, report: VerifyReport) -> None:
-    try:
-        array = zarr.open_array(location.zarr_store, path=path, mode="r")
-    except Exception as err:
-        report.problems.append(f"{path}/zarr.json: cannot be read ({_why(err)})")
+                  dtype: str, decoding: object, report: VerifyReport) -> None:
+    array = _open_recorded(location, path, decoding, report)
+    if array is None:
         return
     if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
         report.problems.append(f"{path}: holds {array.dtype} {tuple(array.shape)}, "
@@ -147,13 +150,11 @@ def _verify_array(location: Location, path: str, digests: list[bytes], shape: tu
             report.problems.append(f"{key}: contents do not match the recorded digest")
 
 
-def _verify_digest_records(location: Location, path: str, digests: list[bytes],
+def _verify_digest_records(location: Location, path: str, digests: list[bytes], decoding: object,
                            report: VerifyReport) -> None:
     """The per-chunk digests the ranks wrote must equal those recorded at completion."""
-    try:
-        array = zarr.open_array(location.zarr_store, path=path, mode="r")
-    except Exception as err:
-        report.problems.append(f"{path}/zarr.json: cannot be read ({_why(err)})")
+    array = _open_recorded(location, path, decoding, report)
+    if array is None:
         return
     if array.shape[0] != len(digests):
         report.problems.append(f"{path}: {array.shape[0]} digests, expected {len(digests)}")
@@ -167,6 +168,21 @@ def _verify_digest_records(location: Location, path: str, digests: list[bytes],
             continue
         if written != recorded:
             report.problems.append(f"{key}: differs from the digest recorded at completion")
+
+
+def _open_recorded(location: Location, path: str, decoding: object, report: VerifyReport):
+    """The array at ``path``, or None after reporting that its zarr.json cannot be read or differs
+    from the decoding metadata recorded when it was written (its chunks would decode wrongly)."""
+    try:
+        array = zarr.open_array(location.zarr_store, path=path, mode="r")
+    except Exception as err:
+        report.problems.append(f"{path}/zarr.json: cannot be read ({_why(err)})")
+        return None
+    differences = decoding_differences(array, decoding)
+    if differences:
+        report.problems.append(f"{path}/zarr.json: {'; '.join(differences)}")
+        return None
+    return array
 
 
 def _why(err: BaseException) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import time
 
 import numpy as np
@@ -43,3 +45,30 @@ def wait_for(condition, timeout=60.0, what="condition"):
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def checkpoint_position(path):
+    """(round, epoch) a run's checkpoint.pt resumes at; None while it is absent or being replaced."""
+    import torch
+
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception:   # not there yet, or replaced while read
+        return None
+    return state["round"], state["epoch"]
+
+
+def kill_when_checkpointed(command, run_dir, env, position=(1, 1), timeout=240.0):
+    """Start ``command`` (a ``trainer run`` writing ``run_dir``, a pathlib.Path) and SIGKILL it
+    as soon as its checkpoint has reached ``position`` (round, epoch): inside that round, after
+    its rebuild. Fails if the run ends first."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reached = checkpoint_position(run_dir / "checkpoint.pt")
+        if reached is not None and reached >= position:
+            break
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -264,6 +264,26 @@ def test_embed_into_a_store_gives_a_snapshot_nbr_index_rebuilds_and_queries(and_
     one_line_error(again, "already holds features/round-0")
 
 
+def test_embed_into_a_store_a_live_run_writes_is_refused_and_leaves_it_as_it_was(and_run, tmp_path):
+    """embed writes a store as its one writer (storage.lease), as a training run does: not beside one."""
+    from storage import take_writer_lease
+
+    _image_folder(tmp_path / "images", {"a": 5, "b": 5})
+    store_dir = tmp_path / "store"
+    embed = ["embed", "--run-dir", and_run, "--data-root", tmp_path / "images", "--out", store_dir, "--workers", "0"]
+    _ok(_trainer(*embed))
+    assert not (store_dir / "writer-lease.json").exists()   # released when done
+    lease = take_writer_lease(str(store_dir), str(tmp_path / "run"), "a-live-run")
+    try:
+        before = sorted(str(path.relative_to(store_dir)) for path in store_dir.rglob("*"))
+        one_line_error(_trainer(*embed, "--round", "1"), f"run dir {tmp_path / 'run'}")
+        assert sorted(str(path.relative_to(store_dir)) for path in store_dir.rglob("*")) == before
+    finally:
+        lease.release()
+    _ok(_trainer(*embed, "--round", "1"))
+    assert Store.open(str(store_dir)).complete_feature_rounds() == [0, 1]
+
+
 def test_embed_shows_a_progress_bar_on_a_terminal_and_plain_lines_elsewhere(and_run, tmp_path):
     command = [sys.executable, "-m", "trainer.cli", "embed", "--run-dir", str(and_run), "--dataset", "digits",
                "--batch-size", "50", "--out", str(tmp_path / "tty.npy")]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from trainer.checkpoint import REQUIRED_KEYS, load_checkpoint, restore
+from trainer.checkpoint import REQUIRED_KEYS, load_checkpoint, restore, save_checkpoint
 from trainer.cli import main
 from trainer.errors import TrainerError
 from tests.helpers import one_line_error
@@ -78,7 +78,7 @@ def test_a_resumed_run_with_another_dim_is_one_line(tmp_path):
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     state["memory"] = state["memory"][:, :64].contiguous()
     state["round"] = 1
-    torch.save(state, run / "checkpoint.pt")
+    save_checkpoint(str(run / "checkpoint.pt"), state)   # an intact checkpoint (its digests recomputed)
     one_line_error(CliRunner().invoke(main, ["run", "--run-dir", str(run), "--resume"]),
                    "holds a memory bank of 1500 x (64,) but this run needs 1500 x 128")
 

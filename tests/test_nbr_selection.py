@@ -161,6 +161,9 @@ def test_an_unknown_rule_is_one_line_and_publishes_nothing(store):
 def test_the_cli_takes_the_rule(store):
     from nbr_index.cli import main
 
+    # The store's trainer selects by the mutual rule (the CLI refuses a rule the curriculum does not name).
+    Store.create_or_open(store.url, n=N, dim=DIM, dataset_id="test",
+                         curriculum={"rounds": 3, "k": 2, "tau": 0.1, "mode": "progressive", "selection": "mutual"})
     result = CliRunner().invoke(main, ["rebuild", "--store", store.url, "--round", "1", "--selection", "mutual",
                                        "--json"])
     assert result.exit_code == 0, result.output
@@ -209,7 +212,7 @@ def test_a_capped_trainer_run_records_the_cap_and_never_passes_it(tmp_path):
     anchors = np.asarray(round_2.anchor)
     assert anchors[stable].all() if stable.sum() <= 750 else stable[anchors].all()
     bad = CliRunner().invoke(main, ["run", "--run-dir", str(tmp_path / "bad"), "--max-anchor-fraction", "0"])
-    one_line_error(bad, "--max-anchor-fraction must be in (0, 1]")
+    one_line_error(bad, "--max-anchor-fraction must be above 0 (1: no cap, the paper), got 0.0")
     assert not (tmp_path / "bad").exists()
 
 
@@ -287,7 +290,8 @@ def test_the_oracle_without_labels_is_one_line_and_publishes_nothing(tmp_path):
     from nbr_index.cli import main
 
     store = Store.create_or_open(str(tmp_path / "s"), n=N, dim=DIM, dataset_id="test",
-                                 curriculum={"rounds": 3, "k": 2, "tau": 0.1, "mode": "progressive"})
+                                 curriculum={"rounds": 3, "k": 2, "tau": 0.1, "mode": "progressive",
+                                             "selection": "oracle"})
     store.write_features(0, unit_rows(N, DIM))
     bad = CliRunner().invoke(main, ["rebuild", "--store", store.url, "--round", "1", "--selection", "oracle"])
     one_line_error(bad, "selection oracle replaces the anchors' neighbours by their own class's, but store")

@@ -198,7 +198,7 @@ def test_describe_is_json_and_formats(url):
     if url.startswith("memory://"):
         assert described["features"][1] == {"round": 1, "complete": False}
     else:
-        assert described["leftovers"] == ["features/.staging-round-0001"]
+        assert described["leftovers"] == [f"features/.staging-round-0001-{store.writer}"]
     (nbr,) = described["neighbourhoods"]
     assert nbr["round"] == 1 and nbr["complete"] and nbr["k"] == 2 and nbr["consistency"] == 81.5
     assert "digests" not in nbr

@@ -165,7 +165,7 @@ def test_killed_writers_leftovers_are_invisible_and_harmless_local(tmp_path):
     # Killed just before the rename: a staging snapshot fully written and marked complete.
     store.prepare_features(2)
     store.write_feature_chunks(2, data * 2, 0, 1)
-    zarr.open_group(url, path="features/.staging-round-0002", mode="r+").attrs["complete"] = True
+    zarr.open_group(url, path=f"features/.staging-round-0002-{store.writer}", mode="r+").attrs["complete"] = True
     # Killed half-way through a neighbourhood publish, and just before its rename.
     for name, complete in (("dead", False), ("late", True)):
         zarr.create_group(url, path=f"neighbourhoods/.tmp-round-0001-{name}",
@@ -174,10 +174,10 @@ def test_killed_writers_leftovers_are_invisible_and_harmless_local(tmp_path):
     assert store.complete_feature_rounds() == [] and store.published_rounds() == []
     assert store.verify().ok
     assert sorted(store.describe()["leftovers"]) == [
-        "features/.staging-round-0002", "neighbourhoods/.tmp-round-0001-dead",
+        f"features/.staging-round-0002-{store.writer}", "neighbourhoods/.tmp-round-0001-dead",
         "neighbourhoods/.tmp-round-0001-late"]
 
-    store.write_features(2, data)                       # the stale staging is wiped, not reused
+    store.write_features(2, data)                       # the writer's stale staging is wiped, not reused
     np.testing.assert_array_equal(store.feature_reader(2).read_all(), data)
     assert store.publish_neighbourhoods(1, *good_round(), dict(ATTRS)) is True
     assert store.describe()["leftovers"] == []

@@ -89,7 +89,7 @@ def test_completing_features_syncs_every_chunk_then_marker_then_renames(tmp_path
     # Each writer synced its own chunks as it wrote them, before completion began.
     n_chunks = -(-N // CHUNK)
     first = [e[1] for e in journal[:2 * n_chunks]]
-    assert first == [f"{tmp_path}/s/features/.staging-round-0000/{array}/c/{c}/0"
+    assert first == [f"{tmp_path}/s/features/.staging-round-0000-{store.writer}/{array}/c/{c}/0"
                      for c in range(n_chunks) for array in ("rows", "digests")]
 
 

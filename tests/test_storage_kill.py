@@ -115,8 +115,10 @@ def test_sigkill_during_publish_never_exposes_a_partial_round(tmp_path):
         next_writer = start_writer(url, round + 1) if round < ITERATIONS else None
         outcomes.append(check_reader_view(url, round))
 
-        # The next publish over the dead writer's leftovers succeeds (or finds it done).
+        # The next publish over the dead writer's leftovers succeeds (or finds it done). Like the
+        # next training run, once it holds the writer lease, it first removes dead writers' staging.
         store = Store.open(url)
+        store.remove_dead_staging()
         has_features, has_nbr = outcomes[-1]
         assert store.write_features(round, features(round)) == \
             Store.open(url).feature_reader(round).checksum

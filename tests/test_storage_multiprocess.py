@@ -18,7 +18,7 @@ def make_bank() -> np.ndarray:
 
 def write_rank(url: str, round: int, rank: int, world_size: int, start, queue) -> None:
     """One 'rank': open the store, wait for the others (start barrier), write its chunks."""
-    store = Store.open(url)
+    store = Store.open(url).write_as("run-mp")    # the ranks of one run share its staging
     bank = make_bank()            # every rank holds the whole bank
     start.wait()
     queue.put((rank, os.getpid(), store.write_feature_chunks(round, bank, rank, world_size)))
@@ -40,7 +40,7 @@ def run_ranks(url: str, round: int, ranks, world_size: int) -> list:
 @pytest.mark.slow
 def test_ranks_write_disjoint_chunks_concurrently(tmp_path):
     url = str(tmp_path / "store")
-    store = Store.create_or_open(url, N, DIM, "toy-mp", chunk_rows=CHUNK)
+    store = Store.create_or_open(url, N, DIM, "toy-mp", chunk_rows=CHUNK).write_as("run-mp")
     store.prepare_features(2)                          # rank 0, before the writers
     results = run_ranks(url, 2, range(WORLD), WORLD)
     assert [r[0] for r in results] == [0, 1, 2] and [r[2] for r in results] == [7, 7, 6]
@@ -58,7 +58,7 @@ def test_ranks_write_disjoint_chunks_concurrently(tmp_path):
 @pytest.mark.slow
 def test_missing_rank_blocks_completion(tmp_path):
     url = str(tmp_path / "store")
-    store = Store.create_or_open(url, N, DIM, "toy-mp", chunk_rows=CHUNK)
+    store = Store.create_or_open(url, N, DIM, "toy-mp", chunk_rows=CHUNK).write_as("run-mp")
     store.prepare_features(0)
     run_ranks(url, 0, [0, 2], WORLD)                   # rank 1 never writes
     with pytest.raises(StoreError) as err:

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from click.testing import CliRunner
 from trainer.cli import main
 from trainer.config import ConfigError, TrainConfig, config_from_dict, load_config_file, resolve
 from trainer.schedule import lr_at, make_optimizer
-from tests.helpers import one_line_error
+from tests.helpers import kill_when_checkpointed, one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 # Subprocesses: one thread each, so that two runs compare bit for bit and do not fight over 2 cores.
@@ -179,7 +177,7 @@ def test_help_lists_the_flags():
 def test_speed_command_reports_and_against_supervised():
     result = _cli(["speed", "--size", "8", "--n", "64", "--batch-size", "8", "--steps", "1"])
     assert result.exit_code == 0, result.output
-    match = re.fullmatch(r"smallcnn 8px batch 8 N=64 fp32 cpu threads \d+: supervised (\d+) images/s, "
+    match = re.fullmatch(r"smallcnn 8px batch 8 N=64 fp32 deterministic cpu threads \d+: supervised (\d+) images/s, "
                          r"AND (\d+) images/s, AND / supervised = (\d+\.\d\d)", result.output.strip())
     assert match, result.output
     supervised, and_rate, ratio = int(match[1]), int(match[2]), float(match[3])
@@ -318,30 +316,12 @@ def _trainer(*args):
     return [sys.executable, "-m", "trainer.cli", "run", *args]
 
 
-def _checkpoint_round_epoch(path: Path):
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception:
-        return None
-    return state["round"], state["epoch"]
-
-
 def test_resume_after_sigkill_gives_the_uninterrupted_result(tmp_path):
     args = ["--rounds", "2", "--epochs-per-round", "4", "--seed", "3"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run(_trainer(*args, "--run-dir", str(whole)), env=ENV, check=True, capture_output=True, timeout=300)
 
-    proc = subprocess.Popen(_trainer(*args, "--run-dir", str(killed)), env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:                      # kill inside round 1, after its rebuild
-        position = _checkpoint_round_epoch(killed / "checkpoint.pt") if (killed / "checkpoint.pt").exists() else None
-        if position is not None and position >= (1, 1):
-            break
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_checkpointed(_trainer(*args, "--run-dir", str(killed)), killed, ENV)   # inside round 1, after its rebuild
     assert not (killed / "summary.json").exists(), "killed too late: the run had finished"
 
     subprocess.run(_trainer("--run-dir", str(killed), "--resume"), env=ENV, check=True, capture_output=True, timeout=300)

@@ -21,7 +21,8 @@ import click
 
 from nbr_index.click_errors import UserErrorGroup
 from nbr_index.checks import resolve_device
-from trainer.config import ARCHS, DATASETS, TrainConfig, config_from_dict, load_config_file, resolve
+from trainer.config import (ARCHS, DATASETS, FLOAT32_MAX, MAX_COUNT, MAX_IMAGE_SIZE, TrainConfig, check_bank_fits,
+                            check_integer, check_real, config_from_dict, load_config_file, resolve)
 from trainer.errors import TrainerError
 
 # Help for the flag of every TrainConfig field (every field is a flag; the file keys use the same names).
@@ -158,10 +159,7 @@ def run(config_file, resume, world_size, max_restarts, master_port, check_replic
         distributed.train_worker(cfg.to_dict(), resume, check_replicas)
         return
     cfg = build_config(flags, config_file, resume)
-    if world_size < 1:
-        raise TrainerError(f"--world-size must be at least 1, got {world_size}")
-    if max_restarts < 0:
-        raise TrainerError(f"--max-restarts must be 0 or more, got {max_restarts}")
+    distributed.check_launch(world_size, max_restarts, master_port)
     from trainer.preflight import preflight
 
     data = preflight(cfg, world_size, resume, local_workers=world_size)
@@ -173,9 +171,14 @@ def run(config_file, resume, world_size, max_restarts, master_port, check_replic
               check_replicas=check_replicas, data=data)
         return
     del data   # the workers are other processes: each decodes its own
-    click.echo(f"launching {world_size} worker(s) (max restarts {max_restarts}); run dir {cfg.run_dir}")
-    distributed.launch_local(distributed.train_worker, (cfg.to_dict(), resume, check_replicas),
-                             world_size, max_restarts, master_port)
+    from trainer.run_lock import holding_run_locks
+
+    distributed.check_port_free(master_port)   # refused before the locks create the run dir
+    # The launcher is the run's one writer for all its workers and their restarts (trainer.run_lock).
+    with holding_run_locks(cfg) as locks:
+        click.echo(f"launching {world_size} worker(s) (max restarts {max_restarts}); run dir {cfg.run_dir}")
+        distributed.launch_local(distributed.train_worker, (cfg.to_dict(), resume, check_replicas, locks.run_id),
+                                 world_size, max_restarts, master_port)
 
 
 @main.command("linear-probe")
@@ -195,8 +198,8 @@ def linear_probe(run_dir, epochs, lr, device):
     from trainer.linear_probe import train_linear_probe
     from trainer.models import build_model
 
-    if epochs < 1:
-        raise TrainerError(f"--epochs must be at least 1, got {epochs}")
+    check_integer("epochs", epochs, 1, MAX_COUNT)
+    check_real("lr", lr, 0.0, FLOAT32_MAX, low_open=True, why="the linear layer is float32")
     state = load_checkpoint(checkpoint_path(run_dir))
     cfg = config_from_dict(state["config"])
     dev = resolve_device(device or cfg.device)
@@ -314,7 +317,9 @@ def report_command(run_dirs, out):
               help="bf16: autocast the network, as trainer run --precision bf16")
 @click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
               help="torch.compile both networks, as trainer run --compile")
-def speed(arch, size, batch_size, n, steps, device, precision, compile_):
+@click.option("--deterministic/--no-deterministic", default=TrainConfig().deterministic, show_default=True,
+              help="torch's deterministic algorithms, as trainer run --deterministic (its default)")
+def speed(arch, size, batch_size, n, steps, device, precision, compile_, deterministic):
     """Measure training images/s of AND against supervised training of the same backbone and batch.
 
     Both run batched augmentation on the device from uint8 images; AND adds the softmax over N
@@ -329,13 +334,17 @@ def speed(arch, size, batch_size, n, steps, device, precision, compile_):
 
     if arch not in ARCHS:
         raise TrainerError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
-    if min(size, batch_size, n, steps) < 1 or batch_size < 2:
-        raise TrainerError("--size, --n and --steps must be positive and --batch-size at least 2")
+    check_integer("size", size, 1, MAX_IMAGE_SIZE, "image side in px")
+    check_integer("batch_size", batch_size, 2, MAX_COUNT)
+    check_integer("n", n, 1, MAX_COUNT, "memory bank rows")
+    check_integer("steps", steps, 1, MAX_COUNT)
+    check_bank_fits(n, TrainConfig().dim, fix="lower --n")
     resolve_device(device)
     if compile_:
         check_compiler()
-    rates = step_speed(arch, size, batch_size, n, steps, device, precision, compile_)
+    rates = step_speed(arch, size, batch_size, n, steps, device, precision, compile_, deterministic)
     setting = (f"{arch} {size}px batch {batch_size} N={n} {precision}{' compiled' if compile_ else ''} "
+               f"{'deterministic' if deterministic else 'non-deterministic'} "
                f"{device}{'' if device.startswith('cuda') else f' threads {torch.get_num_threads()}'}")
     click.echo(f"{setting}: supervised {rates['supervised']:.0f} images/s, AND {rates['AND']:.0f} images/s, "
                f"AND / supervised = {rates['ratio']:.2f}")

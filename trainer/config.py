@@ -8,6 +8,7 @@ configuration: the loop passes each one the values it needs.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 
@@ -27,6 +28,17 @@ NEIGHBOUR_FEATURES = ("bank", "backbone")
 # `trainer run` finishes in a few minutes on 2 CPU cores.
 DEFAULT_EPOCHS_PER_ROUND = {"digits": 30, "synthetic": 2}
 PAPER_EPOCHS_PER_ROUND = 200
+
+# Bounds of the numeric fields (validate_numbers), each with its reason.
+FLOAT32_MAX = 3.4028234663852886e38          # numpy.finfo(numpy.float32).max
+MAX_SEED = 2**63 - 1                         # torch.manual_seed takes a signed 64-bit seed
+MAX_COUNT = 2**62                            # counts and sizes: int64 arithmetic with room to spare
+MAX_ROUNDS = 1_000_000                       # far beyond any curriculum; validate_for_data bounds it by N
+MAX_DIM = 65_536                             # the memory bank is N x dim floats; the paper's 128
+MAX_IMAGE_SIZE = 4096                        # a 4096-px image is 48 MiB as uint8 RGB, per image in a batch
+MAX_WORKERS = 256                            # DataLoader workers are processes
+MAX_TEMPERATURE = 1e6                        # above it every softmax is uniform to 1e-6: nothing to learn
+MAX_SECONDS = 365 * 24 * 3600.0              # a year: finite, and any wait worth waiting
 
 
 class ConfigError(TrainerError):
@@ -166,8 +178,9 @@ def load_config_file(path: str) -> dict:
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Checks that need no data; each failure is one line naming the flag. (The device is
-    checked beside it, by ``trainer.preflight`` with ``nbr_index.checks.resolve_device``.)"""
+    """Every check that needs no data, before anything is written; each failure is one line naming
+    the flag. (The device is checked beside it, by ``trainer.preflight`` with
+    ``nbr_index.checks.resolve_device``.)"""
     def need(ok: bool, message: str):
         if not ok:
             raise ConfigError(message)
@@ -178,29 +191,100 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.precision in ("fp32", "bf16"), f"unknown precision {cfg.precision!r}: choose fp32 or bf16")
     need(cfg.selection in SELECTION_CHOICES,
          f"unknown selection {cfg.selection!r}: choose one of {', '.join(SELECTION_CHOICES)}")
-    need(0.0 < cfg.max_anchor_fraction <= 1.0,
-         f"--max-anchor-fraction must be in (0, 1] (1: no cap, the paper), got {cfg.max_anchor_fraction}")
     need(cfg.neighbour_features in NEIGHBOUR_FEATURES,
          f"unknown neighbour features {cfg.neighbour_features!r}: choose one of {', '.join(NEIGHBOUR_FEATURES)}")
     need(cfg.index in INDEX_MODES, f"unknown index mode {cfg.index!r}: choose inline or service")
-    need(cfg.rounds >= 1, f"--rounds must be at least 1 (curriculum rounds after round 0), got {cfg.rounds}")
-    need(cfg.epochs_per_round is None or cfg.epochs_per_round >= 1,
-         f"--epochs-per-round must be at least 1, got {cfg.epochs_per_round}")
-    need(cfg.batch_size >= 2, f"--batch-size must be at least 2, got {cfg.batch_size}")
-    need(cfg.k >= 1, f"--k must be at least 1, got {cfg.k}")
-    need(cfg.tau > 0, f"--tau must be positive, got {cfg.tau}")
-    need(0 < cfg.eta <= 1, f"eta must be in (0, 1], got {cfg.eta}")
-    need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
-    need(all(0 < m <= 1 for m in cfg.lr_milestones), f"lr_milestones must be fractions in (0, 1], got {cfg.lr_milestones}")
-    need(cfg.dim >= 1, f"dim must be positive, got {cfg.dim}")
-    need(cfg.knn_k >= 1, f"knn_k must be at least 1, got {cfg.knn_k}")
-    need(cfg.knn_sigma > 0, f"knn_sigma must be positive, got {cfg.knn_sigma}")
-    need(cfg.eval_every >= 0, f"--eval-every must be 0 or more, got {cfg.eval_every}")
-    need(cfg.index_timeout > 0, f"--index-timeout must be positive, got {cfg.index_timeout}")
-    need(cfg.image_size is None or cfg.image_size >= 8, f"image_size must be at least 8, got {cfg.image_size}")
-    need(cfg.workers >= 0, f"workers must be 0 or more, got {cfg.workers}")
+    validate_numbers(cfg)
     if cfg.dataset in ("cifar10", "cifar100", "svhn", "imagefolder"):
         need(cfg.data_root is not None, f"--dataset {cfg.dataset} needs --data-root")
+
+
+def validate_numbers(cfg: TrainConfig) -> None:
+    """The range of every numeric field; NaN and infinity are refused wherever a float is taken.
+    A field that defaults when not given is None then, never 0: 0 is a value, checked like any."""
+    # integers
+    check_integer("rounds", cfg.rounds, 1, MAX_ROUNDS, "curriculum rounds after round 0")
+    if cfg.epochs_per_round is not None:
+        check_integer("epochs_per_round", cfg.epochs_per_round, 1, MAX_COUNT)
+    check_integer("batch_size", cfg.batch_size, 2, MAX_COUNT)
+    check_integer("k", cfg.k, 1, MAX_COUNT, "neighbours per anchor")
+    check_integer("dim", cfg.dim, 1, MAX_DIM, "the width of the head and the memory bank; the paper uses 128")
+    check_integer("knn_k", cfg.knn_k, 1, MAX_COUNT)
+    check_integer("eval_every", cfg.eval_every, 0, MAX_COUNT, "0: at round ends only")
+    if cfg.image_size is not None:
+        check_integer("image_size", cfg.image_size, 8, MAX_IMAGE_SIZE, "the side in pixels the network sees")
+    check_integer("workers", cfg.workers, 0, MAX_WORKERS, "DataLoader worker processes")
+    check_integer("seed", cfg.seed, 0, MAX_SEED, "torch.manual_seed's range")
+    # fractions and rates
+    check_real("max_anchor_fraction", cfg.max_anchor_fraction, 0.0, 1.0, low_open=True, why="1: no cap, the paper")
+    check_real("eta", cfg.eta, 0.0, 1.0, low_open=True, why="the memory-bank update rate")
+    # No upper bound of its own: the largest lr it makes is bounded with --lr below.
+    check_real("lr_gamma", cfg.lr_gamma, 0.0, math.inf, low_open=True,
+               why="the lr is multiplied by it at each milestone: at 0 training stops, below it the loss ascends")
+    if not all(0 < m <= 1 for m in cfg.lr_milestones):
+        raise ConfigError(f"--lr-milestones must be fractions of a round in (0, 1], got {cfg.lr_milestones}")
+    check_real("momentum", cfg.momentum, 0.0, 1.0, high_open=True,
+               why="SGD's momentum: at 1 or more it never forgets a gradient")
+    if cfg.nesterov and cfg.momentum == 0:
+        raise ConfigError("--nesterov needs a --momentum above 0 (Nesterov momentum without momentum is "
+                          "plain SGD): give --momentum, or --no-nesterov")
+    # SGD's step converts lr and weight_decay to the float32 parameters' type: beyond float32's
+    # range torch fails inside the step ("value cannot be converted to type float without overflow").
+    check_real("lr", cfg.lr, 0.0, FLOAT32_MAX, low_open=True, why="the parameters are float32")
+    passed = len(cfg.lr_milestones)
+    if math.log(cfg.lr) + passed * math.log(max(1.0, cfg.lr_gamma)) > math.log(FLOAT32_MAX):
+        raise ConfigError(f"--lr {cfg.lr:g} times --lr-gamma {cfg.lr_gamma:g} at each of {passed} milestones "
+                          f"exceeds {FLOAT32_MAX:g}, float32's largest number (the parameters are float32): "
+                          f"lower --lr or --lr-gamma")
+    check_real("weight_decay", cfg.weight_decay, 0.0, FLOAT32_MAX, why="the parameters are float32")
+    # temperatures: logits s / t with s a cosine similarity in [-1, 1], computed in float32.
+    check_real("tau", cfg.tau, 1.0 / FLOAT32_MAX, MAX_TEMPERATURE,
+               why="the logits similarity / tau are float32: below it they overflow, above it they are all equal")
+    sigma_low = min_knn_sigma(cfg.knn_k)
+    check_real("knn_sigma", cfg.knn_sigma, sigma_low, MAX_TEMPERATURE,
+               why=f"the kNN vote sums --knn-k {cfg.knn_k} weights exp(similarity / sigma) in float32: below "
+                   f"{sigma_low:.4g} they overflow and the vote falls to chance, above 1e6 they are all equal")
+    check_real("index_timeout", cfg.index_timeout, 0.0, MAX_SECONDS, low_open=True, why="seconds")
+
+
+def min_knn_sigma(knn_k: int) -> float:
+    """The smallest kNN temperature whose vote cannot overflow float32: the vote sums up to knn_k
+    weights exp(s / sigma) with s <= 1, so knn_k exp(1 / sigma) <= FLOAT32_MAX / e (a factor e of
+    headroom for rounding) needs sigma >= 1 / (ln FLOAT32_MAX - ln knn_k - 1): 0.0121 for knn_k
+    = 200. exp(s / sigma) with s >= -1 then stays above float32's smallest number too, so no
+    weight underflows to 0. (The paper's 0.07 and the code's 0.1 are far above.)"""
+    return 1.0 / (math.log(FLOAT32_MAX) - math.log(max(1, min(int(knn_k), MAX_COUNT))) - 1.0)
+
+
+def check_integer(name: str, value, low: int, high: int, why: str = "") -> None:
+    """ConfigError naming the flag of ``name`` (a field, or a command's option) unless ``value`` is
+    an integer in [low, high]; ``why`` says what the bound protects."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        _out_of_range(name, "an integer", value, why)
+    if value < low:
+        _out_of_range(name, f"at least {low}", value, why)
+    if value > high:
+        _out_of_range(name, f"at most {high}", value, why)
+
+
+def check_real(name: str, value, low: float, high: float, *, low_open: bool = False,
+               high_open: bool = False, why: str = "") -> None:
+    """ConfigError naming the flag of ``name`` unless ``value`` is a finite number between ``low``
+    and ``high`` (each included unless ``low_open`` / ``high_open``; a NaN is never in range)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _out_of_range(name, "a finite number", value, why)
+    if value < low or (low_open and value == low):
+        _out_of_range(name, f"{'above' if low_open else 'at least'} {low:g}", value, why)
+    if value > high or (high_open and value == high):
+        _out_of_range(name, f"{'below' if high_open else 'at most'} {high:g}", value, why)
+
+
+def _out_of_range(name: str, wanted: str, value, why: str):
+    raise ConfigError(f"{_flag(name)} must be {wanted}{f' ({why})' if why else ''}, got {value!r}")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def validate_for_data(cfg: TrainConfig, n_train: int, world_size: int) -> None:
@@ -212,15 +296,56 @@ def validate_for_data(cfg: TrainConfig, n_train: int, world_size: int) -> None:
     need(cfg.k < n_train, f"--k {cfg.k} must be smaller than the training set size N = {n_train}")
     need(cfg.batch_size <= n_train, f"--batch-size {cfg.batch_size} is larger than the training set (N = {n_train})")
     need(cfg.knn_k <= n_train, f"knn_k {cfg.knn_k} is larger than the training set (N = {n_train})")
+    need(cfg.rounds <= n_train or cfg.anchor_mode != "progressive" or not cfg.uses_neighbourhoods,
+         f"--rounds {cfg.rounds} is larger than the training set (N = {n_train}): round 1 would select "
+         f"floor(N / R) = 0 anchors")
     need(cfg.batch_size % world_size == 0,
          f"--batch-size {cfg.batch_size} must be a multiple of the world size {world_size}")
     need(cfg.batch_size // world_size >= 2,
          f"--batch-size {cfg.batch_size} gives {cfg.batch_size // world_size} image(s) per rank; use at least 2 per rank")
+    check_bank_fits(n_train, cfg.dim)
+
+
+def check_bank_fits(n: int, dim: int, fix: str = "lower --dim (the paper uses 128)") -> None:
+    """The memory bank, (N, dim) float32, is drawn in host memory on every device
+    (``trainer.memory.init_memory``): refuse a bank that cannot fit there, in one line saying how
+    to ``fix`` it, instead of the allocator's traceback."""
+    need_bytes = 4 * n * dim
+    have_bytes = available_memory_bytes()
+    if have_bytes is not None and need_bytes > have_bytes:
+        raise ConfigError(f"the memory bank of N = {n} rows x --dim {dim} x 4 bytes needs {need_bytes / 2**30:.1f} "
+                          f"GiB, more than the {have_bytes / 2**30:.1f} GiB of memory available: {fix}")
+
+
+def available_memory_bytes() -> int | None:
+    """Bytes of memory this process may still allocate: MemAvailable, capped by a cgroup v2 limit;
+    None where neither can be read (then nothing is refused)."""
+    limits = []
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    limits.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as fh:
+            limit = fh.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as fh:
+            used = int(fh.read().strip())
+        if limit != "max":
+            limits.append(int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return min(limits) if limits else None
 
 
 def resolve(cfg: TrainConfig, now: str | None = None) -> TrainConfig:
     """Fill in the dataset-dependent defaults: epochs per round, run dir, store URL."""
-    epochs = cfg.epochs_per_round or DEFAULT_EPOCHS_PER_ROUND.get(cfg.dataset, PAPER_EPOCHS_PER_ROUND)
+    # None is "not given"; 0 stays 0 for validate to refuse (an `or` here once turned it into 30).
+    epochs = cfg.epochs_per_round
+    if epochs is None:
+        epochs = DEFAULT_EPOCHS_PER_ROUND.get(cfg.dataset, PAPER_EPOCHS_PER_ROUND)
     run_dir = cfg.run_dir
     if run_dir is None:
         import time

@@ -26,8 +26,11 @@ stems; the AlexNet variant pools adaptively).
 """
 from __future__ import annotations
 
+import errno
 import os
+import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -130,7 +133,7 @@ class ImageDataset:
         if self.workers == 0:
             # torchvision transforms draw from torch's global RNG in the main process.
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-        for images, _, idx in loader:
+        for images, _, idx in _one_line_worker_errors(loader):
             yield images.to(device, non_blocking=True), idx.to(device)
 
     def eval_batches(self, split: str, batch_size: int, start: int = 0,
@@ -147,7 +150,7 @@ class ImageDataset:
             return
         subset = torch.utils.data.Subset(self.instance_dataset(split, train=False), range(start, stop))
         loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=self.workers)
-        for images, labels, _ in loader:
+        for images, labels, _ in _one_line_worker_errors(loader):
             yield images, labels
 
     def instance_dataset(self, split: str, train: bool) -> torch.utils.data.Dataset:
@@ -178,11 +181,40 @@ class _FileInstances(torch.utils.data.Dataset):
         return len(self.split)
 
     def __getitem__(self, index):
-        from PIL import Image
-
-        with Image.open(self.split.files[index]) as img:
+        with open_image(self.split.files[index]) as img:
             image = self.transform(img.convert("RGB"))
         return image, int(self.split.labels[index]), index
+
+
+def _one_line_worker_errors(loader) -> Iterator:
+    """The batches of a DataLoader. A DataError raised in one of its worker processes comes back
+    re-raised with the worker's traceback inside its message: keep the message's own line."""
+    try:
+        yield from loader
+    except DataError as err:
+        lines = str(err).strip().splitlines()
+        raise DataError(lines[-1].split("DataError: ", 1)[-1] if lines else "a DataLoader worker failed") from None
+
+
+@contextmanager
+def open_image(path: str) -> Iterator:
+    """``PIL.Image.open(path)`` for a with-block that reads it; what goes wrong there is one
+    DataError naming the file: a file PIL cannot identify or decode (truncated, not an image), and
+    a decompression bomb, an image of more than PIL.Image.MAX_IMAGE_PIXELS pixels (PIL only warns
+    up to twice that, and decoding it costs 3 bytes a pixel per worker: refused as well)."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as img:
+                yield img
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+            raise DataError(f"image {path} is too large to decode safely ({' '.join(str(err).split())}); "
+                            f"PIL's limit, PIL.Image.MAX_IMAGE_PIXELS, is {Image.MAX_IMAGE_PIXELS} pixels: "
+                            f"shrink or remove the image") from None
+        except OSError as err:   # PIL.UnidentifiedImageError, a truncated file, a read error
+            raise DataError(f"cannot decode image {path}: {' '.join(str(err).split())}") from None
 
 
 def folder_transform(size: int, mean, std, train: bool, hflip: bool = False):
@@ -282,7 +314,7 @@ TEST_SPLIT_NAMES = ("test", "val")
 def list_class_images(split_dir: str, classes: list[str] | None = None) -> tuple[list[str], list[str], list[int]]:
     """(classes, files, labels) of ``split_dir/<class>/<image>``: classes are the sorted
     sub-folders (label order), or ``classes`` as given, which the sub-folders must match."""
-    names = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    names = sorted(name for name, _, is_dir, _ in _folder_entries(split_dir) if is_dir)
     if not names:
         raise DataError(f"{split_dir} has no class folders: put each class's images in {split_dir}/<class>/")
     if classes is not None and names != classes:
@@ -302,7 +334,21 @@ def list_class_images(split_dir: str, classes: list[str] | None = None) -> tuple
 
 def image_files(folder: str) -> list[str]:
     """The image files directly inside ``folder``, sorted by path."""
-    return sorted(e.path for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+    return sorted(path for name, path, _, is_file in _folder_entries(folder)
+                  if is_file and name.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def _folder_entries(folder: str) -> list[tuple[str, str, bool, bool]]:
+    """(name, path, is a directory, is a file) of each entry of ``folder``, symbolic links
+    followed. A folder or entry that cannot be read (no permission; a link that leads back to
+    itself, ELOOP) is one DataError naming it, instead of a traceback from the scan."""
+    try:
+        with os.scandir(folder) as entries:
+            return [(e.name, e.path, e.is_dir(), e.is_file()) for e in entries]
+    except OSError as err:
+        where = err.filename or folder
+        loop = " (a symbolic link loop: the link leads back to itself)" if err.errno == errno.ELOOP else ""
+        raise DataError(f"cannot read {where}: {err.strerror or err}{loop}: fix or remove it") from None
 
 
 def held_out_folder(root: str) -> str | None:
@@ -350,9 +396,7 @@ def square_rgb(img, size: int) -> np.ndarray:
 
 
 def _decode_square(path: str, size: int) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as img:
+    with open_image(path) as img:
         return square_rgb(img, size)
 
 
@@ -360,11 +404,9 @@ def load_image_folder(root: str, image_size: int | None) -> tuple[Split, Split, 
     """Image folder: decoded into memory when its images are small (side <= 64, or --image-size
     <= 64: each image resized to image_size x image_size), streamed from disk otherwise. Without
     a test/ or val/ folder the test split is empty."""
-    from PIL import Image
-
     classes, found = scan_image_folder(root)
     if image_size is None:
-        with Image.open(found["train"][0][0]) as first:
+        with open_image(found["train"][0][0]) as first:
             side = max(first.size)
         image_size = side if side <= IN_MEMORY_MAX_SIZE else LARGE_IMAGE_SIZE
     splits = []
@@ -372,10 +414,7 @@ def load_image_folder(root: str, image_size: int | None) -> tuple[Split, Split, 
         files, labels = found[split]
         label_tensor = torch.tensor(labels, dtype=torch.int64)
         if image_size <= IN_MEMORY_MAX_SIZE:
-            try:
-                arrays = [_decode_square(f, image_size) for f in files]
-            except OSError as err:
-                raise DataError(f"cannot decode an image in {root}/{split}: {err}") from None
+            arrays = [_decode_square(f, image_size) for f in files]
             images = (torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous() if arrays
                       else torch.empty((0, 3, image_size, image_size), dtype=torch.uint8))
             splits.append(Split(label_tensor, images))

@@ -25,6 +25,22 @@ from nbr_index.launch import (LaunchError, check_port_free, environment_rank,  #
 from storage.errors import UserError
 from trainer.world import World
 
+#: The TCP ports a rendezvous can bind (0: the system picks a free one).
+PORT_RANGE = (0, 65535)
+
+
+def check_launch(world_size: int, max_restarts: int, master_port: int) -> None:
+    """The launch flags of ``trainer run``, checked with its config before anything is written
+    (a port outside PORT_RANGE made socket.bind raise OverflowError inside the launch)."""
+    if world_size < 1:
+        raise LaunchError(f"--world-size must be at least 1, got {world_size}")
+    if max_restarts < 0:
+        raise LaunchError(f"--max-restarts must be 0 or more, got {max_restarts}")
+    low, high = PORT_RANGE
+    if not low <= master_port <= high:
+        raise LaunchError(f"--master-port must be a TCP port in [1, {high}], or 0 to pick a free one, "
+                          f"got {master_port}")
+
 
 def join_world(device: str, timeout_s: float = 600.0) -> World:
     """Join the process group described by the launcher's environment.
@@ -47,8 +63,11 @@ def leave_world(world: World) -> None:
         dist.destroy_process_group()
 
 
-def train_worker(cfg_dict: dict, resume: bool, check_replicas: bool) -> dict | None:
+def train_worker(cfg_dict: dict, resume: bool, check_replicas: bool, held_by: str | None = None) -> dict | None:
     """One rank of ``trainer run --world-size W`` (spawned by the elastic agent, or by an outer torchrun).
+
+    ``held_by``: the run id of the launcher that holds the store's lease and the run dir's lock for
+    all workers and restarts (``trainer.run_lock``); None (an outer torchrun): rank 0 takes them.
 
     After a restart by the agent (a worker died), every rank resumes from the run's last
     checkpoint; the first attempt honours ``resume`` as given. Returns the summary on rank 0.
@@ -66,7 +85,7 @@ def train_worker(cfg_dict: dict, resume: bool, check_replicas: bool) -> dict | N
                 print(f"restart {restart_count()}: " + ("resuming from the last checkpoint" if resume
                                                          else "no checkpoint yet, starting over"), flush=True)
         log = run_dir_log(cfg.run_dir) if world.is_main else (lambda _message: None)
-        summary = train(cfg, world, resume=resume, log=log, check_replicas=check_replicas)
+        summary = train(cfg, world, resume=resume, log=log, check_replicas=check_replicas, held_by=held_by)
     except UserError as err:
         # One line for the user; the agent reports the exit status (and restarts, if allowed).
         print(f"error: {err}", file=sys.stderr, flush=True)

@@ -25,7 +25,7 @@ import torch
 
 from trainer.augment import AugmentSpec, normalize, prepare_eval, to_float
 from trainer.data import (IMAGE_EXTENSIONS, IN_MEMORY_MAX_SIZE, TEST_SPLIT_NAMES, DataError, folder_transform, image_files,
-                          list_class_images, load_dataset, square_rgb)
+                          list_class_images, load_dataset, square_rgb, open_image)
 from trainer.errors import TrainerError
 from trainer.export import read_trained
 from trainer.knn import iter_embed
@@ -114,16 +114,11 @@ class ImageSamples(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int):
-        from PIL import Image
-
         item = self.items[index]
         label = -1 if self.labels is None else int(self.labels[index])
         if isinstance(item, (str, os.PathLike)):
-            try:
-                with Image.open(item) as img:
-                    return self.transform(img), label
-            except OSError as err:
-                raise DataError(f"cannot decode image {item}: {err}") from None
+            with open_image(str(item)) as img:   # undecodable files and decompression bombs: one line
+                return self.transform(img), label
         return self.transform(item), label
 
 
@@ -290,10 +285,20 @@ def _publish_npy(rows_path: str, source: EmbedSource, out: str) -> list[str]:
 
 
 def _publish_store(rows: np.ndarray, source: EmbedSource, out: str, round: int) -> list[str]:
-    from storage import Store
+    """features/round-``round`` of the store ``out`` <- rows (N, dim), as the store's one writer for
+    the time it takes (storage.lease): a training run writing ``out`` refuses it, and it a run."""
+    import uuid
 
-    store = Store.create_or_open(out, n=source.n, dim=rows.shape[1], dataset_id=source.dataset_id)
-    if source.labels is not None and store.read_labels() is None:
-        store.write_labels(source.labels)
-    store.write_features(round, rows)
+    from storage import Store, take_writer_lease
+
+    writer = f"embed-{uuid.uuid4().hex[:12]}"
+    lease = take_writer_lease(out, os.getcwd(), writer)
+    try:
+        store = Store.create_or_open(out, n=source.n, dim=rows.shape[1], dataset_id=source.dataset_id)
+        store.write_as(writer, lease)
+        if source.labels is not None and store.read_labels() is None:
+            store.write_labels(source.labels)
+        store.write_features(round, rows)
+    finally:
+        lease.release()
     return [f"{store.url} features/round-{round}"]

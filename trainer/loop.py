@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trainer.checkpoint import checkpoint_path, load_checkpoint
+from trainer.checkpoint import checkpoint_path, load_checkpoint, remove_stale_temp_files
 from trainer.config import TrainConfig, save_config
 from trainer.data import ImageDataset
 from trainer.errors import TrainerError
@@ -38,6 +38,7 @@ from trainer.models import build_model, compile_for_training, unwrap
 from trainer.preflight import preflight
 from trainer.progress import Progress
 from trainer.round_anchors import RoundAnchors, anchors_for_round
+from trainer.run_lock import RunLocks, run_locks
 from trainer.run_state import RunState
 from trainer.run_store import open_store, published_entropies, snapshot_rows, write_feature_snapshot
 from trainer.schedule import lr_at, make_optimizer, set_lr
@@ -66,7 +67,7 @@ class Run:
 
 
 def train(cfg: TrainConfig, world: World, resume: bool = False, log: Callable[[str], None] = print,
-          check_replicas: bool = False, data: ImageDataset | None = None) -> dict:
+          check_replicas: bool = False, data: ImageDataset | None = None, held_by: str | None = None) -> dict:
     """Train (or, with ``resume``, continue from ``<run_dir>/checkpoint.pt``) the whole method.
 
     ``cfg`` must be resolved (``trainer.config.resolve``): run_dir, store and epochs_per_round set.
@@ -74,15 +75,25 @@ def train(cfg: TrainConfig, world: World, resume: bool = False, log: Callable[[s
     ``data``: the dataset ``trainer.preflight.preflight`` returned in this process (its checks are
     then not repeated); None: run them here. ``check_replicas``: after every epoch, assert that all
     ranks hold bit-identical memory banks and model weights (a debug mode: one digest per epoch).
+    ``held_by``: the id of the run whose launcher holds the store's lease and the run dir's lock
+    (``trainer.run_lock``); None: rank 0 takes them here, before anything is written.
     Raises TrainerError / storage.UserError for bad input before anything is written to the store.
     """
     if data is None:
         data = preflight(cfg, world.world_size, resume)
+    with run_locks(cfg, world, held_by) as locks:
+        return train_holding_locks(cfg, world, resume, log, check_replicas, data, locks)
+
+
+def train_holding_locks(cfg: TrainConfig, world: World, resume: bool, log: Callable[[str], None],
+                        check_replicas: bool, data: ImageDataset, locks: RunLocks) -> dict:
+    """:func:`train`'s rounds, once this run is its store's and run dir's one writer."""
     run = Run(cfg, world, data, log if world.is_main else (lambda *_: None), check_replicas)
     set_determinism(cfg.deterministic)
     state = initial_state(run, resume)
-    store = open_store(cfg, data, world)
+    store = open_store(cfg, data, world, locks)
     if world.is_main:
+        remove_stale_temp_files(cfg.run_dir)   # of a killed save; this run now holds the run dir's lock
         save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
     for line in [describe(run), *data.notes]:
         run.say(line)
@@ -95,7 +106,8 @@ def train(cfg: TrainConfig, world: World, resume: bool = False, log: Callable[[s
 
     for r in range(state.round, cfg.rounds + 1):
         state.start_round(r)
-        anchors = anchors_for_round(r, cfg, store, world, run.say)  # none in round 0
+        # none in round 0; checked to come from this run's features/round-(r-1) and curriculum
+        anchors = anchors_for_round(r, cfg, store, world, run.say, state.snapshot_checksum(r - 1))
         run.say(f"round {r}/{cfg.rounds}: {anchors.count} anchors of {len(data.train)}"
                 + ("" if anchors.consistency is None else f", consistency {anchors.consistency:.1f}%"))
         while state.epoch < cfg.epochs_per_round:   # the lr schedule restarts every round
@@ -245,7 +257,8 @@ def finish_round(run: Run, state: RunState, store, anchors: RoundAnchors) -> Non
     """End of round ``state.round``: publish features/round-r (the memory bank, or the backbone's
     features: ``snapshot_rows``; the next rebuild reads it), evaluate, and record the round's row."""
     cfg, world, data, r = run.cfg, run.world, run.data, state.round
-    write_feature_snapshot(store, r, snapshot_rows(cfg, state.model, state.memory, data, world), world)
+    rows = snapshot_rows(cfg, state.model, state.memory, data, world)
+    state.snapshot_written(r, write_feature_snapshot(store, r, rows, world))   # the checksum round r + 1 checks
     knn = evaluate_knn(state.model, state.memory, data, cfg, world) if data.has_test else None
     if knn is not None and state.history and state.history[-1]["round"] == r:   # the round's last epoch row too
         state.history[-1]["knn_top1"] = knn

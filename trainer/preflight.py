@@ -22,11 +22,13 @@ def preflight(cfg: TrainConfig, world_size: int, resume: bool, local_workers: in
 
     local_workers: how many of the ranks this process starts on this machine (``trainer run
     --world-size W``: W; a worker itself: 1), each needing a GPU with ``--device cuda``.
-    Raises a one-line storage.UserError for bad input; reads, never writes.
+    Raises a one-line storage.UserError for bad input; writes nothing (the write checks make a
+    probe directory and remove it).
     """
     validate(cfg)
     resolve_device(cfg.device, local_workers)
     check_run_dir(cfg, resume)
+    check_writable(cfg)
     if cfg.compile:
         check_compiler()
     data = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.image_size, cfg.hflip, cfg.workers)
@@ -44,6 +46,18 @@ def check_run_dir(cfg: TrainConfig, resume: bool) -> None:
         raise TrainerError(f"nothing to resume: {checkpoint_path(cfg.run_dir)} does not exist")
     if not resume and has_checkpoint:
         raise TrainerError(f"{cfg.run_dir} already holds a run: pass --resume to continue it, or another --run-dir")
+
+
+def check_writable(cfg: TrainConfig) -> None:
+    """The run dir and the store can be written (tried, not read from permission bits, which root
+    ignores): found here, before the first epoch, not when the first checkpoint or round is saved."""
+    from storage import check_store_writable
+    from storage.location import local_write_problem
+
+    problem = local_write_problem(cfg.run_dir)
+    if problem is not None:
+        raise TrainerError(f"run dir {cfg.run_dir} cannot be written ({problem}): use a writable --run-dir")
+    check_store_writable(cfg.store)
 
 
 def check_existing_store(cfg: TrainConfig, n: int, dataset_id: str, image_size: int, fresh: bool) -> None:

@@ -3,7 +3,8 @@
 ``nbr_index`` decides them (kNN + entropy of features/round-(r-1), the curriculum's share of
 lowest-entropy samples as anchors) and publishes neighbourhoods/round-r; this module gets that
 round onto the training device: rebuilt in-process by all ranks together (``--index inline``) or
-waited for until ``nbr-index serve`` publishes it (``--index service``).
+waited for until ``nbr-index serve`` publishes it (``--index service``). Either way, the round is
+checked to be this run's own (``trainer.provenance``) before anything trains on it.
 """
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from storage import UserError
 from trainer.config import TrainConfig
 from trainer.errors import TrainerError
+from trainer.provenance import ForeignRound, foreign_round_problem
 from trainer.world import World
 
 # How often a trainer in --index service mode looks for a published round, and says it waits.
@@ -45,8 +48,12 @@ class RoundAnchors:
 NO_ANCHORS = RoundAnchors(None, None, 0, None)
 
 
-def anchors_for_round(r: int, cfg: TrainConfig, store, world: World, say: Callable[[str], None]) -> RoundAnchors:
-    """Round 0 and the instance method: no anchors. Otherwise neighbourhoods/round-r from the store."""
+def anchors_for_round(r: int, cfg: TrainConfig, store, world: World, say: Callable[[str], None],
+                      own_source: str | None = None) -> RoundAnchors:
+    """Round 0 and the instance method: no anchors. Otherwise neighbourhoods/round-r from the store,
+    once it is known to be this run's: computed from the snapshot with checksum ``own_source`` (this
+    run's features/round-(r-1); None: a checkpoint written before the run kept it, so the snapshot
+    in the store) with the run's curriculum. ForeignRound (one line, on every rank) otherwise."""
     if r == 0 or not cfg.uses_neighbourhoods:
         return NO_ANCHORS
     if cfg.index == "inline":  # every rank computes its share of the tiles; rank 0 publishes
@@ -62,11 +69,25 @@ def anchors_for_round(r: int, cfg: TrainConfig, store, world: World, say: Callab
     else:
         wait_for_neighbourhoods(store, r, cfg.index_timeout, say)
     nb = store.read_neighbourhoods(r)
+    # Rank 0 decides, so that every rank stops together or none does.
+    problem = world.broadcast_object(_foreign_problem(nb.attrs, r, cfg, store, own_source) if world.is_main else None)
+    if problem is not None:
+        raise ForeignRound(problem)
     is_anchor = torch.from_numpy(np.asarray(nb.anchor, dtype=bool)).to(world.device)
     neighbours = torch.from_numpy(np.asarray(nb.neighbours, dtype=np.int64)).to(world.device)
     consistency = nb.attrs.get("consistency")
     return RoundAnchors(is_anchor, neighbours, int(is_anchor.sum()),
                         None if consistency is None else float(consistency), np.asarray(nb.entropy))
+
+
+def _foreign_problem(attrs: dict, r: int, cfg: TrainConfig, store, own_source: str | None) -> str | None:
+    """Rank 0: why the round is not this run's, or None; never raises (the other ranks wait for it)."""
+    try:
+        if own_source is None:  # the run's checksum is not known: the snapshot it wrote is the one in the store
+            own_source = store.feature_reader(r - 1).checksum
+    except UserError as err:
+        return str(err)
+    return foreign_round_problem(attrs, r, cfg, store.url, own_source)
 
 
 def wait_for_neighbourhoods(store, r: int, timeout: float, say: Callable[[str], None], poll: float = POLL_S) -> None:

@@ -25,7 +25,10 @@ class RunState:
     round, epoch: the next epoch to train (epoch == epochs_per_round: the round's training is done,
     its end-of-round work is not); rounds: finished-round rows {round, knn_top1, anchors, ...};
     history: per-epoch rows {round, epoch, lr, loss, images_per_s, seconds[, knn_top1]};
-    round_seconds: seconds the current round had run when it was last saved.
+    round_seconds: seconds the current round had run when it was last saved;
+    snapshot_checksums: entry r is the checksum of the features/round-r this run wrote (computed
+    from its own rows), what its neighbourhood round r + 1 must be computed from
+    (``trainer.provenance``); empty in checkpoints written before it was kept.
     """
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -35,6 +38,7 @@ class RunState:
     rounds: list[dict] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
     round_seconds: float = 0.0
+    snapshot_checksums: list[str] = field(default_factory=list)
     _round_clock: float = field(default=0.0, repr=False)
 
     def state_dict(self) -> dict:
@@ -42,7 +46,8 @@ class RunState:
         return {"round": self.round, "epoch": self.epoch,
                 "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                 "memory": self.memory.detach().cpu(), "rounds": self.rounds, "history": self.history,
-                "round_seconds": self.round_seconds, "rng": {"torch": torch.get_rng_state()}}
+                "round_seconds": self.round_seconds, "snapshot_checksums": self.snapshot_checksums,
+                "rng": {"torch": torch.get_rng_state()}}
 
     def load_state_dict(self, state: dict, path: str) -> None:
         """Continue from a checkpoint read by ``trainer.checkpoint.load_checkpoint``; a model,
@@ -52,6 +57,7 @@ class RunState:
         self.round, self.epoch = int(state["round"]), int(state["epoch"])
         self.rounds, self.history = list(state["rounds"]), list(state["history"])
         self.round_seconds = float(state["round_seconds"])
+        self.snapshot_checksums = [str(c) for c in state.get("snapshot_checksums", [])]
 
     # ---- the round clock: a resumed round keeps counting from the seconds it had run
     def start_round(self, r: int) -> None:
@@ -68,6 +74,16 @@ class RunState:
         self.history.append(row)
         self.epoch = row["epoch"] + 1
         self.round_seconds = self.seconds_in_round()
+
+    def snapshot_written(self, r: int, checksum: str) -> None:
+        """features/round-r of this run has ``checksum`` (written now, or found written on a resume)."""
+        del self.snapshot_checksums[r:]
+        self.snapshot_checksums += [""] * (r - len(self.snapshot_checksums)) + [checksum]
+
+    def snapshot_checksum(self, r: int) -> str | None:
+        """The checksum of this run's features/round-r; None where the checkpoint did not keep it."""
+        known = self.snapshot_checksums[r] if 0 <= r < len(self.snapshot_checksums) else ""
+        return known or None
 
     def round_done(self, row: dict) -> None:
         """Record the round's row; the run continues at the next round's first epoch."""
